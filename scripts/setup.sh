@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: CPU torch first (a looser pin pulls a multi-GB CUDA build), then the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[test]"
