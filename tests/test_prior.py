@@ -75,14 +75,14 @@ def test_prior_loss_value_and_zero_when_gates_match():
     t = torch.tensor([0, 10, 49])
     probs = prior.table.reshape(T, N, M) / k
     logits = torch.log(probs + 1e-30)
-    loss = prior(logits, t)
+    loss = prior(prior.start_matching(logits), logits[t], t)
     assert loss.abs() < 1e-5
     # A generic case against the formula: P = concat softmax / N, Q = matched row / (kN).
     N, M, k = 3, 3, 2
     prior = DiffusionPrior(N, M, k, T)
     logits = torch.randn(T, N, M, requires_grad=True)
     state = prior.rng_state()
-    loss = prior(logits, t)
+    loss = prior(prior.start_matching(logits.detach()), logits[t], t)
     prior.set_rng_state(state)
     q = prior.matched_prior(logits)[t] / (k * N)
     p = logits[t].softmax(-1).flatten(1) / N

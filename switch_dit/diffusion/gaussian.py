@@ -30,7 +30,7 @@ def randn(shape, generator=None, device=None) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
     return torch.randn(shape, generator=generator, device=device)
 
 

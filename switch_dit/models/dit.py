@@ -23,7 +23,7 @@ class ModelOutput:
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block; a router's mask m makes the branches see z*m while z*(1-m) skips to the end."""
+    """adaLN-Zero block; a router's mask m makes the branches see x*m while x*(1-m) skips to the end."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, router: nn.Module | None = None):
         super().__init__()
@@ -38,9 +38,11 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         mask = None if self.router is None else self.router(x, t_index, t_emb)
         z = x if mask is None else x * mask
-        z = z + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(z), shift_msa, scale_msa))
-        z = z + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(z), shift_mlp, scale_mlp))
-        return z if mask is None else z + x * (1 - mask)
+        a = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(z), shift_msa, scale_msa))
+        h = z + a
+        mlp = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        # With a mask, z*(1-m) skips both branches: (z + a + mlp) + x*(1-m) = x + a + mlp.
+        return (h if mask is None else x + a) + mlp
 
 
 class DiT(nn.Module):
@@ -110,25 +112,30 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def all_gate_logits(self, t_emb_all: torch.Tensor) -> torch.Tensor:
-        """(T, N_blocks, M) gate logits of every Switch block for a table of timestep embeddings."""
-        return torch.stack([r.gate_logits(t_emb_all) for r in self.switch_routers], dim=1)
+    def all_gate_logits(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """(T, N_blocks, M) gate logits of every Switch block for timestep embeddings (T, D)."""
+        return torch.stack([r.gate_logits(t_emb) for r in self.switch_routers], dim=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> ModelOutput:
-        """x: (N, C, H, W) input, t: (N,) integer timesteps in [0, T), y: (N,) class labels."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> ModelOutput:
+        """x: (N, C, H, W) input, t: (N,) integer timesteps in [0, T), y: (N,) class labels.
+
+        force_drop_ids (N,) of 0/1, if given, decides which labels become the null class (the trainer draws
+        it from step-derived seeds, so that runs do not depend on the number of processes)."""
         use_prior = self.training and self.prior is not None and self.lambda_dp > 0
         if use_prior:
-            # One timestep-MLP pass over all T tasks serves both the batch embeddings and the prior's pattern.
-            t_emb_all = self.t_embedder(torch.arange(self.num_timesteps, device=x.device))
-            t_emb = t_emb_all[t]
-        else:
-            t_emb = self.t_embedder(t)
+            # The expert pattern of all T tasks needs no gradient: one no-grad pass of the timestep MLP and
+            # gates per step, and the matching starts now so the host solve overlaps the blocks on GPU.
+            with torch.no_grad():
+                t_all = torch.arange(self.num_timesteps, device=x.device)
+                pending = self.prior.start_matching(self.all_gate_logits(self.t_embedder(t_all)))
+        t_emb = self.t_embedder(t)
         t_index = t
         if self.routed and not self.training and not torch.is_grad_enabled() and t.numel() > 0:
             ts = t.tolist()  # one host sync per step; lets routers use one mask row for a shared timestep
             if all(v == ts[0] for v in ts):
                 t_index = int(ts[0])
-        c = t_emb + self.y_embedder(y, self.training)
+        c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -137,7 +144,7 @@ class DiT(nn.Module):
                 h = block(h, c, t_index, t_emb)
         out = self.unpatchify(self.final_layer(h, c))
         if use_prior:
-            aux = self.lambda_dp * self.prior(self.all_gate_logits(t_emb_all), t)
+            aux = self.lambda_dp * self.prior(pending, self.all_gate_logits(t_emb), t)
         else:
             aux = torch.zeros((), device=x.device, dtype=torch.float32)
         return ModelOutput(sample=out, aux_loss=aux)

@@ -64,20 +64,41 @@ class DiffusionPrior(nn.Module):
         self.generator.set_state(state)
 
     def learned_pattern(self, logits_all: torch.Tensor) -> torch.Tensor:
-        """(T, N*M) binary top-k pattern from logits (T, N, M); no gradient."""
+        """(T, N*M) binary top-k pattern from gate logits (T, N, M); no gradient."""
         with torch.no_grad():
             idx = logits_all.topk(self.top_k, dim=-1).indices
             pattern = torch.zeros_like(logits_all, dtype=torch.float32).scatter_(-1, idx, 1.0)
         return pattern.flatten(1)
 
-    def matched_prior(self, logits_all: torch.Tensor) -> torch.Tensor:
-        """The prior table with its columns aligned to the learned slots by the Hungarian matching."""
+    def start_matching(self, logits_all: torch.Tensor):
+        """Begin the matching from the gate logits of all T timesteps (no gradient needed).
+
+        Only the (NM x NM) cost matrix goes to the host; on CUDA the copy is asynchronous, so calling this
+        before the blocks run keeps the host-side Hungarian solve off the critical path.
+        """
         cost = hamming_cost(self.learned_pattern(logits_all), self.table)
-        perm = match_columns(cost.cpu().numpy().astype(np.float64), self.generator)  # (NM)^2 numbers to host
+        if cost.is_cuda:
+            host = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
+            host.copy_(cost, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, event
+        return cost, None
+
+    def finish_matching(self, pending) -> torch.Tensor:
+        """The prior table with its columns aligned to the learned slots by the Hungarian matching."""
+        cost, event = pending
+        if event is not None:
+            event.synchronize()
+        perm = match_columns(cost.numpy().astype(np.float64), self.generator)
         return self.table[:, torch.from_numpy(perm).to(self.table.device)]
 
-    def forward(self, logits_all: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean JSD over the batch; logits_all is (T, N, M) with gradient, t the batch timesteps (B,)."""
-        q = self.matched_prior(logits_all)[t] / (self.top_k * self.num_blocks)
-        p = logits_all[t].float().softmax(dim=-1).flatten(1) / self.num_blocks
+    def matched_prior(self, logits_all: torch.Tensor) -> torch.Tensor:
+        return self.finish_matching(self.start_matching(logits_all))
+
+    def forward(self, pending, batch_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean JSD over the batch. ``pending`` comes from ``start_matching``; batch_logits (B, N, M) are the
+        gate logits of the batch's timesteps (with gradient), t the batch timesteps (B,)."""
+        q = self.finish_matching(pending)[t] / (self.top_k * self.num_blocks)
+        p = batch_logits.float().softmax(dim=-1).flatten(1) / self.num_blocks
         return js_divergence(p, q).mean()

@@ -90,29 +90,30 @@ class SwitchRouter(nn.Module):
         uniform = isinstance(t_index, int)
         g = self.gates(t_emb[:1] if uniform else t_emb).to(x.dtype)
         w = torch.einsum("nm,mio->nio", g, self.expert_weight.to(x.dtype))
-        b = g @ self.expert_bias.to(x.dtype)
+        b = g @ self.expert_bias.to(x.dtype) + self.offset  # the "1 +" rides on the fused bias add
         if uniform:  # one timestep for the batch: a single merged matrix, one plain matmul
-            e = F.linear(x, w[0].t(), b[0])
-        else:
-            e = torch.baddbmm(b.unsqueeze(1), x, w)
-        return e + self.offset if self.offset else e
+            return F.linear(x, w[0].t(), b[0])
+        return torch.baddbmm(b.unsqueeze(1), x, w)
 
 
 def reference_switch_mask(router: SwitchRouter, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-    """Straightforward gather/scatter SMoE (as the authors' code): each expert runs on the samples routed to it.
+    """Straightforward gather/scatter SMoE, as a sparse dispatcher does it (and the authors' code): the
+    (sample, expert) pairs are sorted by expert, the samples gathered, each expert run on its share, the
+    outputs scaled by their gates and scattered back with index_add.
 
     Used by the tests (equivalence) and the benchmark (speed baseline); not by the model.
     """
     probs = router.gate_logits(t_emb).float().softmax(dim=-1)
     values, idx = probs.topk(router.top_k, dim=-1)
-    out = torch.zeros_like(x)
-    for j in range(router.num_experts):
-        rows, slot = (idx == j).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            continue
-        y = F.linear(x[rows], router.expert_weight[j].t(), router.expert_bias[j])
-        out = out.index_add(0, rows, y * values[rows, slot].to(x.dtype)[:, None, None])
-    return out + router.offset
+    gates = torch.zeros_like(probs).scatter(-1, idx, values)
+    pairs = gates.nonzero()  # (P, 2) rows of (sample, expert)
+    order = pairs[:, 1].argsort(stable=True)
+    sample_index, expert_index = pairs[order, 0], pairs[order, 1]
+    counts = torch.bincount(expert_index, minlength=router.num_experts).tolist()
+    inputs = x.index_select(0, sample_index).split(counts, dim=0)
+    outputs = [F.linear(inp, router.expert_weight[j].t(), router.expert_bias[j]) for j, inp in enumerate(inputs)]
+    stitched = torch.cat(outputs, dim=0) * gates[sample_index, expert_index].to(x.dtype)[:, None, None]
+    return torch.zeros_like(x).index_add(0, sample_index, stitched) + router.offset
 
 
 ROUTERS = {"DiT": None, "DTR": DTRRouter, "Switch-DiT": SwitchRouter}

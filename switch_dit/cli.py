@@ -1,0 +1,174 @@
+"""`switch-dit` sub-commands (thin wrappers): train, sample, demo, extract-latents."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, add_config_arguments, config_from_args
+
+
+def _train(args) -> int:
+    from .train import train
+
+    cfg = config_from_args(args)
+    out = train(cfg, progress=not args.no_progress)
+    if out.get("checkpoint"):
+        print(f"[switch-dit] done at step {out['step']}; checkpoint {out['checkpoint']}")
+    return 0
+
+
+def _sample(args) -> int:
+    import torch
+
+    from .sample import class_grid, load_model_for_sampling, sample_npz, write_grid
+
+    overrides = config_from_args(args)
+    model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
+    # Sampling options given on the command line win over the ones stored in the checkpoint.
+    for k in ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels", "ddim_eta", "global_seed", "device", "vae"):
+        if hasattr(args, k):
+            setattr(cfg, k, getattr(args, k))
+    vae = None
+    if cfg.vae:
+        from .data.latents import load_vae
+        vae = load_vae(cfg.vae)
+    if args.num_fid_samples:
+        out = args.out or str(Path(args.ckpt).with_suffix("")) + f"_samples{args.num_fid_samples}.npz"
+        path = sample_npz(model, cfg, args.num_fid_samples, out, batch_size=args.batch_size, vae=vae,
+                          progress=not args.no_progress)
+        if path:
+            print(f"[switch-dit] wrote {path}")
+        return 0
+    from .utils.dist import resolve_device
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if vae is not None:
+        vae.to(device)
+    labels = args.class_labels
+    if labels:
+        if max(labels) >= model.num_classes or min(labels) < 0:
+            raise ValueError(f"--class-labels must lie in [0, {model.num_classes - 1}]")
+        import numpy as np
+        from .images import make_grid, to_uint8
+        from .sample import decode, sample_latents, sampling_diffusion
+        seeds = [cfg.global_seed * 1_000_003 + i for i in range(len(labels))]
+        with torch.no_grad():
+            x = sample_latents(model, sampling_diffusion(cfg), cfg, torch.tensor(labels), seeds, device)
+        grid = make_grid(to_uint8(decode(x, vae)), nrow=int(np.ceil(np.sqrt(len(labels)))))
+    else:
+        with torch.no_grad():
+            grid = class_grid(model, cfg, model.num_classes, per_class=args.per_class, seed=cfg.global_seed,
+                              device=device, vae=vae)
+    out = args.out or str(Path(args.ckpt).with_suffix("")) + "_grid.png"
+    print(f"[switch-dit] wrote {write_grid(out, grid, scale=args.scale)}")
+    return 0
+
+
+def _demo(args) -> int:
+    """Train a small Switch-DiT on Fashion-MNIST on the CPU, then write the sample grid and routing map."""
+    import argparse as ap
+
+    import torch
+
+    from .analysis import routing_map_image
+    from .images import save_png
+    from .sample import class_grid, write_grid
+    from .train import train
+
+    ns = ap.Namespace(**{k: v for k, v in vars(args).items()})
+    if not getattr(ns, "preset", None):
+        ns.preset = "cpu-fashion"
+    cfg = config_from_args(ns)
+    if not hasattr(args, "results_dir"):
+        cfg.results_dir = "results/demo"
+    t0 = time.time()
+    out = train(cfg, progress=not args.no_progress)
+    results = Path(cfg.results_dir)
+    with torch.no_grad():
+        grid = class_grid(out["ema"], cfg, out["dataset"].num_classes, per_class=10, seed=cfg.global_seed)
+    grid_path = write_grid(str(results / "samples_grid.png"), grid, scale=3)
+    lines = [f"[switch-dit] demo finished in {time.time() - t0:.0f} s",
+             f"  sample grid (one row per class: {', '.join(getattr(out['dataset'], 'class_names', []))}): {grid_path}"]
+    if out["ema"].prior is not None:
+        save_png(routing_map_image(out["ema"]), results / "routing_map.png")
+        lines.append(f"  routing map (learned task-expert map | prior, rows t = 0..999): {results / 'routing_map.png'}")
+    lines.append(f"  checkpoint: {out['checkpoint']}")
+    if cfg.tensorboard:
+        lines.append(f"  TensorBoard log: tensorboard --logdir {results / 'tb'}")
+    print("\n".join(lines))
+    return 0
+
+
+def _extract(args) -> int:
+    from .data.latents import extract_latents
+
+    path = extract_latents(args.data_path, args.out, args.vae, image_size=args.image_size,
+                           batch_size=args.batch_size, device=args.device, skip_corrupt=args.skip_corrupt)
+    if path:
+        print(f"[switch-dit] latents written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switch-dit", description="Switch Diffusion Transformer: train, sample, demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (torchrun for several processes)")
+    add_config_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("demo", help="train a small Switch-DiT on Fashion-MNIST on the CPU, write grid + routing map")
+    add_config_arguments(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("sample", help="sample a PNG grid, or an ADM .npz with --num-fid-samples")
+    p.add_argument("ckpt", help="a switch-dit checkpoint (EMA weights used) or a released DiT state dict")
+    add_config_arguments(p, only=("model", "image_size", "sampler", "num_sampling_steps", "cfg_scale",
+                                  "cfg_channels", "ddim_eta", "global_seed", "device", "vae"))
+    p.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples to an .npz")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward and per .npz part")
+    p.add_argument("--class-labels", type=int, nargs="*", help="classes to sample (default: one row per class)")
+    p.add_argument("--per-class", type=int, default=8, help="grid columns per class row")
+    p.add_argument("--scale", type=int, default=1, help="nearest-neighbour up-scaling of the PNG")
+    p.add_argument("--out", help="output path (.png or .npz)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("extract-latents", help="encode an image folder with a local AutoencoderKL (both flips)")
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--vae", required=True, help="local folder with config.json + diffusion_pytorch_model.safetensors")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-corrupt", action="store_true")
+    p.set_defaults(func=_extract)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors carry the fix; no traceback
+        print(f"switch-dit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from .train import TrainingDiverged
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"switch-dit {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

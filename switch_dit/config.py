@@ -1,0 +1,186 @@
+"""One set of options shared by train, sample and demo; argparse flags and YAML keys are the field names."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+
+@dataclass
+class Config:
+    # --- model
+    model: str = "Switch-DiT-S/2"
+    num_experts: int = 3
+    top_k: int = 2
+    lambda_dp: float = 1.0
+    mask_form: str = "one_plus"
+    prior_alpha: float = 4.0
+    dtr_alpha: float = 4.0
+    dtr_beta: float = 0.8
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    grad_checkpointing: bool = False
+    # --- data
+    data: str = "fashion-mnist"
+    data_path: Optional[str] = None
+    image_size: int = 32
+    skip_corrupt: bool = False
+    vae: Optional[str] = None
+    num_workers: int = 0
+    # --- diffusion
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    loss_weighting: str = "constant"
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    uw_intervals: int = 8
+    uw_lr: float = 0.025
+    # --- optimisation
+    global_batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0
+    max_steps: int = 400_000
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    mixed_precision: str = "no"
+    compile: bool = False
+    # --- run
+    results_dir: str = "results"
+    global_seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 3
+    sample_every: int = 0
+    device: str = "auto"
+    resume: Optional[str] = None
+    tensorboard: bool = True
+    wandb: bool = False
+    # --- sampling (training-time grids and the sample command)
+    sampler: str = "ddpm"
+    num_sampling_steps: int = 250
+    cfg_scale: float = 1.5
+    cfg_channels: Optional[int] = None
+    ddim_eta: float = 0.0
+
+    def validate(self) -> "Config":
+        from .models.dit import parse_model_name
+
+        parse_model_name(self.model)
+        checks = [
+            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+            (self.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim"),
+            (self.global_batch_size >= 1, "--global-batch-size must be >= 1"),
+            (self.max_steps >= 0, "--max-steps must be >= 0"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0.0 <= self.ema_decay < 1.0, "--ema-decay must be in [0, 1)"),
+            (self.keep_last >= 1, "--keep-last must be >= 1"),
+            (self.ckpt_every >= 1 and self.log_every >= 1, "--ckpt-every and --log-every must be >= 1"),
+        ]
+        if self.model.startswith("Switch-DiT"):
+            checks += [(self.num_experts >= 1, f"--num-experts must be >= 1, got {self.num_experts}"),
+                       (1 <= self.top_k <= self.num_experts,
+                        f"--top-k={self.top_k} must be between 1 and --num-experts={self.num_experts}"),
+                       (self.lambda_dp >= 0, f"--lambda-dp must be >= 0, got {self.lambda_dp}")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
+# Presets: the paper's ImageNet recipe (method.md section 7) and a CPU recipe for the embedded default data.
+PRESETS: dict[str, dict] = {
+    "imagenet256": dict(data="latents", image_size=256, global_batch_size=256, lr=1e-4, weight_decay=0.0,
+                        max_steps=400_000, ema_decay=0.9999, mixed_precision="bf16", ckpt_every=50_000,
+                        log_every=100, noise_schedule="linear", num_sampling_steps=250, cfg_scale=1.5),
+    "cpu-fashion": dict(model="Switch-DiT-XS/4", data="fashion-mnist", image_size=32, global_batch_size=64,
+                        lr=1e-3, warmup_steps=200, max_steps=1500, ema_decay=0.999, ema_warmup=True,
+                        ckpt_every=500, log_every=50, sample_every=500, keep_last=2,
+                        sampler="ddim", num_sampling_steps=50, cfg_scale=4.0),
+}
+
+ARCH_FIELDS = ("model", "num_experts", "top_k", "mask_form", "dtr_alpha", "dtr_beta", "class_dropout_prob",
+               "learn_sigma", "diffusion_steps")
+
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def _optional(typ):
+    def parse(v):
+        return None if v.lower() in ("none", "null", "") else typ(v)
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per Config field (--global-batch-size ...); defaults are SUPPRESSed so that the layering
+    defaults < --preset < --config YAML < explicit flags can tell what was given."""
+    parser.add_argument("--config", help="YAML file whose keys are these options (dashes or underscores)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe, applied before --config")
+    hints = {f.name: f for f in fields(Config)}
+    for f in fields(Config):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                                metavar="BOOL", help=f"(default {default})")
+        else:
+            base = {"int": int, "float": float, "str": str}[_base_type(hints[f.name])]
+            typ = _optional(base) if _is_optional(hints[f.name]) else base
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f"(default {default})")
+
+
+def _base_type(f) -> str:
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    return t.replace("Optional[", "").replace("]", "")
+
+
+def _is_optional(f) -> bool:
+    return isinstance(f.type, str) and f.type.startswith("Optional")
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    values = dataclasses.asdict(base or Config())
+    if getattr(args, "preset", None):
+        values.update(PRESETS[args.preset])
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    known = {f.name for f in fields(Config)}
+    given = {k: v for k, v in vars(args).items() if k in known}
+    values.update(given)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; see --help for the list")
+    return Config(**values).validate()
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+__all__ = ["Config", "PRESETS", "ARCH_FIELDS", "add_config_arguments", "config_from_args", "config_from_dict",
+           "load_yaml", "field"]

@@ -1,0 +1,53 @@
+"""Optional logging back-ends, isolated here: TensorBoard (default) and wandb (opt-in, works offline)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+
+class RunLogger:
+    """Logs scalars and images to whichever back-ends are available and asked for; a no-op elsewhere."""
+
+    def __init__(self, log_dir: str, tensorboard: bool = True, wandb: bool = False, config: dict | None = None,
+                 enabled: bool = True):
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=os.path.join(log_dir, "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed (pip install tensorboard): no TensorBoard log", stacklevel=2)
+        if wandb:
+            try:
+                import wandb as _wandb
+            except ImportError as e:
+                raise ValueError("--wandb needs the wandb package: pip install 'switch-dit[wandb]'") from e
+            os.environ.setdefault("WANDB_MODE", "offline")  # never requires a network; 'wandb sync' later
+            self.wandb = _wandb.init(dir=log_dir, config=config or {})
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        if image_hwc.ndim == 2:
+            image_hwc = image_hwc[:, :, None]
+        if self.tb is not None:
+            self.tb.add_image(tag, image_hwc, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb as _wandb
+            self.wandb.log({tag: _wandb.Image(image_hwc)}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

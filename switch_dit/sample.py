@@ -1,0 +1,171 @@
+"""Sampling: PNG grids and ADM-format .npz sets (torchrun-parallel, per-sample seeds, resumable)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, config_from_dict
+from .diffusion import create_diffusion
+from .diffusion.gaussian import GaussianDiffusion
+from .images import make_grid, save_png, to_uint8
+from .models.dit import DiT
+from .utils import dist as du
+
+
+def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Config | None = None):
+    """(model in eval mode, Config) from a switch-dit checkpoint, or from a released DiT state dict
+    (DiT-XL-2-256x256.pt), for which cfg_overrides supplies --model and --image-size."""
+    from .train import build_model
+
+    saved = ckpt.load(path)
+    if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:
+        cfg = config_from_dict(saved["config"])
+        model = build_model(cfg, saved["in_channels"], saved["input_size"], saved["num_classes"])
+        model.load_state_dict(saved["ema" if use_ema else "model"])
+        return model.eval(), cfg, saved.get("step")
+    state = saved.get("ema", saved.get("model", saved)) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or "pos_embed" not in state or "x_embedder.proj.weight" not in state:
+        raise ckpt.CheckpointError(f"{path} is neither a switch-dit checkpoint nor a DiT state dict")
+    cfg = cfg_overrides or Config(model="DiT-XL/2", image_size=256)
+    w = state["x_embedder.proj.weight"]
+    in_channels = w.shape[1]
+    num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+    input_size = int(state["pos_embed"].shape[1] ** 0.5) * w.shape[-1]
+    model = build_model(cfg, in_channels, input_size, num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"{path} does not fit --model {cfg.model}: {str(e).splitlines()[0]}") from None
+    return model.eval(), cfg, None
+
+
+def sampling_diffusion(cfg: Config) -> GaussianDiffusion:
+    spacing = f"ddim{cfg.num_sampling_steps}" if cfg.sampler == "ddim" else str(cfg.num_sampling_steps)
+    try:
+        return create_diffusion(spacing, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
+                                diffusion_steps=cfg.diffusion_steps)
+    except ValueError:  # DDIM stride spacing not exact: fall back to even spacing
+        return create_diffusion(str(cfg.num_sampling_steps), noise_schedule=cfg.noise_schedule,
+                                learn_sigma=cfg.learn_sigma, diffusion_steps=cfg.diffusion_steps)
+
+
+class Guided:
+    """A sampler-facing model over the conditional batch only: classifier-free guidance runs the
+    conditional and null-class halves in one forward; scale 1 (or no classes) skips the null half."""
+
+    def __init__(self, model: DiT, cfg_scale: float, cfg_channels: int | None = None):
+        self.model, self.scale, self.channels = model, cfg_scale, cfg_channels
+
+    def __call__(self, x, t, y):
+        if self.scale == 1.0 or self.model.y_embedder.dropout_prob == 0:
+            return self.model(x, t, y)
+        null = torch.full_like(y, self.model.num_classes)
+        out = self.model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+                                          self.scale, self.channels)
+        out.sample = out.sample[: len(x)]
+        return out
+
+
+def sample_latents(model: DiT, diffusion: GaussianDiffusion, cfg: Config, labels: torch.Tensor, seeds, device):
+    """Samples (N, C, H, W) for the given labels; seeds is one int per sample (per-sample generators)."""
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    C = model.in_channels
+    size = model.x_embedder.grid_size * model.patch_size
+    noise = torch.stack([torch.randn(C, size, size, generator=g) for g in gens]).to(device)
+    fn = Guided(model, cfg.cfg_scale, cfg.cfg_channels)
+    kwargs = dict(y=labels.to(device))
+    clip = cfg.vae is None and cfg.data != "latents"  # pixel space lives in [-1, 1]
+    # Per-step noise comes from the same per-sample CPU generators, so batching never changes a sample.
+    if cfg.sampler == "ddim":
+        return diffusion.ddim_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs,
+                                          generator=gens, eta=cfg.ddim_eta)
+    return diffusion.p_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs,
+                                   generator=gens)
+
+
+def decode(x: torch.Tensor, vae) -> torch.Tensor:
+    if vae is None:
+        return x
+    from .data.latents import decode_latents
+    return decode_latents(vae, x)
+
+
+def class_grid(model: DiT, cfg: Config, num_classes: int, per_class: int = 8, seed: int = 0, device=None,
+               vae=None) -> np.ndarray:
+    """One row per class (at most 10 rows), per_class samples each, as a uint8 grid (H, W, C)."""
+    device = device or next(model.parameters()).device
+    classes = list(range(min(num_classes, 10)))
+    labels = torch.tensor([c for c in classes for _ in range(per_class)])
+    seeds = [seed * 1_000_003 + i for i in range(len(labels))]
+    was_training = model.training
+    model.eval()
+    x = sample_latents(model, sampling_diffusion(cfg), cfg, labels, seeds, torch.device(device))
+    model.train(was_training)
+    return make_grid(to_uint8(decode(x, vae)), nrow=per_class)
+
+
+def write_grid(path: str, grid: np.ndarray, scale: int = 1) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid, path, scale=scale)
+    return str(path)
+
+
+def sample_npz(model: DiT, cfg: Config, num_samples: int, out_path: str, batch_size: int = 32,
+               num_classes: int | None = None, vae=None, progress: bool = True) -> str | None:
+    """ADM-format .npz (uint8 NHWC under arr_0, labels under arr_1) of num_samples samples.
+
+    Sample i has its own seed (global_seed, i) and label, so the set does not depend on the number of
+    processes; chunks of batch_size are written to OUT.parts/ as they finish and skipped on a rerun."""
+    info = du.setup(cfg.device)
+    device = info.device
+    model = model.to(device).eval()
+    num_classes = num_classes or model.num_classes
+    parts = Path(str(out_path) + ".parts")
+    if info.is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    diffusion = sampling_diffusion(cfg)
+    chunks = list(range(0, num_samples, batch_size))
+    mine = [c for k, c in enumerate(chunks) if k % info.world_size == info.rank]
+    todo = [c for c in mine if not (parts / f"{c:09d}.npz").exists()]
+    it = todo
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+        it = tqdm(todo, desc="sample")
+    for start in it:
+        idx = np.arange(start, min(start + batch_size, num_samples))
+        seeds = [cfg.global_seed * 1_000_003 + int(i) for i in idx]
+        labels = torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(s + 7)))
+                               for s in seeds])
+        with torch.no_grad():
+            x = sample_latents(model, diffusion, cfg, labels, seeds, device)
+            images = to_uint8(decode(x, vae))
+        tmp = parts / f".{start:09d}.tmp.npz"
+        np.savez(tmp, images=images, labels=labels.numpy(), index=idx)
+        os.replace(tmp, parts / f"{start:09d}.npz")
+    du.barrier()
+    if not info.is_main:
+        du.teardown()
+        return None
+    files = sorted(parts.glob("[0-9]*.npz"))
+    images, labels, index = [], [], []
+    for f in files:
+        with np.load(f) as d:
+            images.append(d["images"])
+            labels.append(d["labels"])
+            index.append(d["index"])
+    index = np.concatenate(index)
+    order = np.argsort(index)
+    if not np.array_equal(index[order], np.arange(num_samples)):
+        raise RuntimeError(f"sample parts in {parts} do not cover 0..{num_samples - 1} exactly; delete the folder and rerun")
+    images = np.concatenate(images)[order]
+    labels = np.concatenate(labels)[order]
+    tmp = str(out_path) + ".tmp.npz"
+    np.savez(tmp, arr_0=images, arr_1=labels)
+    os.replace(tmp, out_path)
+    du.teardown()
+    return str(out_path)

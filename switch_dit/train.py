@@ -1,0 +1,323 @@
+"""One readable training loop: DDP (torchrun), mixed precision, EMA, exact resume, atomic checkpoints, logging.
+
+Every random choice of a step (data order, flips, timesteps, noise, label drop) is drawn for the whole
+global batch from a generator seeded by (global seed, step), and each process takes its slice. So a run
+on P processes equals a run on one with the same global batch, and a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .config import ARCH_FIELDS, Config, config_from_dict
+from .data import build_dataset
+from .diffusion import create_diffusion, create_weighting
+from .integrations import RunLogger
+from .models import create_model
+from .models.dit import DiT
+from .utils import dist as du
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, stream)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 97 + stream) % (2**63 - 1))
+
+
+def global_batch_indices(num_items: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the global batch of a step: epoch e is a permutation seeded by (seed, e), without replacement."""
+    steps_per_epoch = num_items // global_batch
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(num_items, generator=step_generator(seed, epoch, stream=1))
+    return perm[i * global_batch: (i + 1) * global_batch]
+
+
+def model_options(cfg: Config) -> dict:
+    return dict(class_dropout_prob=cfg.class_dropout_prob, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                lambda_dp=cfg.lambda_dp, prior_alpha=cfg.prior_alpha, prior_seed=cfg.global_seed,
+                mask_form=cfg.mask_form, dtr_alpha=cfg.dtr_alpha, dtr_beta=cfg.dtr_beta,
+                num_timesteps=cfg.diffusion_steps, grad_checkpointing=cfg.grad_checkpointing)
+
+
+def build_model(cfg: Config, in_channels: int, input_size: int, num_classes: int) -> DiT:
+    return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                        learn_sigma=cfg.learn_sigma, **model_options(cfg))
+
+
+def build_weighting(cfg: Config):
+    kwargs = {"min_snr": dict(gamma=cfg.min_snr_gamma), "p2": dict(k=cfg.p2_k, gamma=cfg.p2_gamma),
+              "uw": dict(num_intervals=cfg.uw_intervals)}.get(cfg.loss_weighting, {})
+    return create_weighting(cfg.loss_weighting, **kwargs)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def ema_decay_at(cfg: Config, step: int) -> float:
+    """With ema_warmup, min(decay, (1 + s) / (10 + s)) so short runs are not dominated by the initial weights."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+
+
+def _check_results_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"results dir {path} is not writable ({e.strerror}); choose another --results-dir") from None
+
+
+def check_compatible(saved: dict, cfg: Config, path) -> None:
+    """A checkpoint of another model or architecture config gives a clear error naming the differences."""
+    if saved.get("format") != ckpt.FORMAT:
+        raise ckpt.CheckpointError(f"{path} is not a switch-dit training checkpoint (format {saved.get('format')!r})")
+    old = saved["config"]
+    diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCH_FIELDS + ("image_size", "data")
+             if old.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise ckpt.CheckpointError(f"checkpoint {path} belongs to another model/config ({'; '.join(diffs)}); "
+                                   "use matching options or another --results-dir")
+
+
+def rng_state() -> dict:
+    import random
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def collate(dataset, indices: torch.Tensor):
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def train(cfg: Config, progress: bool = True) -> dict:
+    """Train according to cfg; returns a summary (final step, last losses, paths)."""
+    cfg.validate()
+    info = du.setup(cfg.device)
+    try:
+        return _train(cfg, info, progress)
+    finally:
+        du.teardown()
+
+
+def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
+    device = info.device
+    results = Path(cfg.results_dir)
+    if info.is_main:
+        _check_results_dir(results)
+    du.barrier()
+    if cfg.global_batch_size % info.world_size:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {info.world_size} processes")
+    local_batch = cfg.global_batch_size // info.world_size
+
+    dataset = build_dataset(cfg.data, cfg.data_path, cfg.image_size, cfg.skip_corrupt)
+    if len(dataset) < cfg.global_batch_size:
+        raise ValueError(f"the data set has {len(dataset)} items, fewer than --global-batch-size {cfg.global_batch_size}")
+    C, H, W = dataset.shape
+    if cfg.data == "latents" and not cfg.vae:
+        cfg.vae = dataset.meta["vae"]  # recorded so that sampling can decode
+    torch.manual_seed(cfg.global_seed)  # the same initial weights on every process and every run
+    model = build_model(cfg, C, H, dataset.num_classes).to(device)
+    ema = copy.deepcopy(model).float().eval().requires_grad_(False)  # EMA kept in fp32
+    diffusion = create_diffusion(noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
+                                 diffusion_steps=cfg.diffusion_steps)
+    weighting = build_weighting(cfg).to(device)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
+    if list(weighting.parameters()):
+        groups.append({"params": list(weighting.parameters()), "lr": cfg.uw_lr, "weight_decay": 0.0,
+                       "base_lr": cfg.uw_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+
+    start_step = 0
+    resume_path = ckpt.resolve_resume(cfg.resume, results)
+    if resume_path is not None:
+        saved = ckpt.load(resume_path)
+        check_compatible(saved, cfg, resume_path)
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["opt"])
+        weighting.load_state_dict(saved["weighting"])
+        scaler.load_state_dict(saved["scaler"])
+        if model.prior is not None:
+            model.prior.set_rng_state(saved["prior_rng"])
+        set_rng_state(saved["rng"])
+        start_step = saved["step"]
+        del saved
+
+    train_model = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    logger = RunLogger(str(results), cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), enabled=info.is_main)
+    if info.is_main:
+        (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
+        print(f"[switch-dit] {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(dataset)} training items of shape {dataset.shape}, {info.world_size} process(es) on {device}, "
+              f"steps {start_step} -> {cfg.max_steps}", flush=True)
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start_step, dynamic_ncols=True, desc="train")
+    sl = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+    model.train()
+    history: list[dict] = []
+    t_last, steps_since = time.time(), 0
+    last_saved = resume_path
+    step = start_step
+    try:
+        while step < cfg.max_steps:
+            idx = global_batch_indices(len(dataset), cfg.global_batch_size, cfg.global_seed, step)[sl]
+            x, y = collate(dataset, idx)
+            g = step_generator(cfg.global_seed, step)
+            B = cfg.global_batch_size
+            flips = torch.rand(B, generator=g)[sl] < 0.5
+            t = weighting.sample_timesteps(B, diffusion.num_timesteps, "cpu", generator=g)[sl]
+            noise = torch.randn((B, C, H, W), generator=g)[sl]
+            drop = (torch.rand(B, generator=g)[sl] < cfg.class_dropout_prob).long()
+            if cfg.data == "latents":  # both flips are cached; a fresh latent sample each time
+                x = dataset.draw(x, flips, torch.randn((B, C, H, W), generator=g)[sl])
+            else:
+                x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+            x, y, t, noise, drop = (v.to(device, non_blocking=True) for v in (x, y, t, noise, drop))
+            lr = lr_at(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr / cfg.lr
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                terms = diffusion.training_losses(train_model, x, t, dict(y=y, force_drop_ids=drop), noise=noise,
+                                                  weighting=weighting)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {step}; stopped before the update. The last good checkpoint "
+                    f"({last_saved or 'none yet'}) is intact: lower --lr, set --max-grad-norm, or use "
+                    f"--mixed-precision bf16/no, then --resume auto")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.max_grad_norm > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, ema_decay_at(cfg, step))
+            step += 1
+            steps_since += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                vals = {"loss": loss.detach(), "mse": terms["mse"].detach().mean(), "vb": terms["vb"].detach().mean(),
+                        "prior_loss": terms["aux"].detach()}
+                vals = {k: _mean_over_ranks(v) for k, v in vals.items()}
+                now = time.time()
+                vals["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
+                vals["lr"] = lr
+                vals.update(weighting.log_values())
+                t_last, steps_since = now, 0
+                history.append({"step": step, **vals})
+                if info.is_main:
+                    logger.scalars({f"train/{k}": v for k, v in vals.items()}, step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{vals['loss']:.4f}", prior=f"{vals['prior_loss']:.4f}",
+                                        it_s=f"{vals['steps_per_sec']:.2f}")
+            if bar is not None:
+                bar.update(1)
+            if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                _log_samples(ema, diffusion, cfg, dataset, logger, step, device)
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                if info.is_main:
+                    last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler)
+                du.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    return {"step": step, "history": history, "checkpoint": str(last_saved) if last_saved else None,
+            "results_dir": str(results), "model": model, "ema": ema, "diffusion": diffusion, "dataset": dataset}
+
+
+def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler) -> Path:
+    state = {
+        "format": ckpt.FORMAT,
+        "step": step,
+        "config": dataclasses.asdict(cfg),
+        "model_name": cfg.model,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict(),
+        "weighting": weighting.state_dict(),
+        "scaler": scaler.state_dict(),
+        "prior_rng": model.prior.rng_state() if model.prior is not None else None,
+        "rng": rng_state(),
+        "in_channels": model.in_channels,
+        "input_size": model.x_embedder.grid_size * model.patch_size,
+        "num_classes": model.num_classes,
+    }
+    path = ckpt.atomic_save(state, ckpt.checkpoint_path(results / "checkpoints", step))
+    ckpt.prune(results / "checkpoints", cfg.keep_last)
+    return path
+
+
+def _mean_over_ranks(v: torch.Tensor) -> float:
+    v = v.float().clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(v)
+        v /= torch.distributed.get_world_size()
+    return float(v)
+
+
+def _log_samples(ema: DiT, diffusion, cfg: Config, dataset, logger: RunLogger, step: int, device) -> None:
+    from .analysis import routing_map_image
+    from .sample import class_grid
+
+    grid = class_grid(ema, cfg, dataset.num_classes, per_class=8, seed=cfg.global_seed, device=device)
+    logger.image("samples/grid", grid, step)
+    if ema.prior is not None:
+        logger.image("routing/task_expert_map", routing_map_image(ema), step)
+
+
+def _to_yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def load_config_from_checkpoint(saved: dict) -> Config:
+    return config_from_dict(saved["config"])
+
+
+__all__ = ["train", "TrainingDiverged", "global_batch_indices", "step_generator", "build_model", "update_ema",
+           "save_training_state"]

@@ -1,0 +1,113 @@
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from switch_dit.checkpoint import list_checkpoints
+from switch_dit.config import Config
+from switch_dit.train import global_batch_indices, train
+from tests.helpers import TINY, dist_env, free_port, load_state, run_cli
+
+
+def test_cli_training_on_digits_loss_finite_and_decreasing(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 40, "--ckpt-every", 40, "--results-dir", out) == 0
+    (ckpt,) = list_checkpoints(out / "checkpoints")
+    state = load_state(ckpt)
+    assert state["step"] == 40 and state["config"]["model"] == "Switch-DiT-XS/2"
+    cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, log_every=1,
+                 max_steps=40, ckpt_every=1000, tensorboard=False, results_dir=str(tmp_path / "r2"))
+    hist = train(cfg, progress=False)["history"]
+    losses = torch.tensor([h["loss"] for h in hist])
+    assert torch.isfinite(losses).all()
+    assert losses[-10:].mean() < 0.7 * losses[:5].mean()
+    assert all(h["prior_loss"] > 0 for h in hist)
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    seen = torch.cat([global_batch_indices(40, 8, 0, s) for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))
+    assert not torch.equal(global_batch_indices(40, 8, 0, 0), global_batch_indices(40, 8, 0, 5))
+
+
+@pytest.mark.parametrize("model", ["Switch-DiT-XS/2", "DTR-XS/2"])
+def test_resume_is_exact(tmp_path, model):
+    args = [*TINY, "--model", model, "--ckpt-every", 3, "--loss-weighting", "uw"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("train", *args, "--max-steps", 6, "--results-dir", a) == 0
+    assert run_cli("train", *args, "--max-steps", 3, "--results-dir", b) == 0
+    assert run_cli("train", *args, "--max-steps", 6, "--results-dir", b, "--resume", "auto") == 0
+    sa, sb = load_state(a / "checkpoints" / "step_0000006.pt"), load_state(b / "checkpoints" / "step_0000006.pt")
+    for key in ("model", "ema", "weighting"):
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), (key, k)
+    assert sa["opt"]["state"].keys() == sb["opt"]["state"].keys()
+    for k in sa["opt"]["state"]:
+        assert torch.equal(sa["opt"]["state"][k]["exp_avg"], sb["opt"]["state"][k]["exp_avg"])
+
+
+def test_keep_last_and_truncated_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 4, "--ckpt-every", 1, "--keep-last", 2, "--results-dir", out) == 0
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_0000003.pt", "step_0000004.pt"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    data = ckpts[-1].read_bytes()
+    ckpts[-1].write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert run_cli("train", *TINY, "--max-steps", 6, "--results-dir", out, "--resume", "auto") != 0
+    err = capsys.readouterr().err.strip()
+    assert "step_0000004.pt is truncated or corrupt" in err and len(err.splitlines()) == 1
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import switch_dit.train as train_mod
+    from switch_dit.data import DigitsDataset
+
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", out) == 0
+    good = (out / "checkpoints" / "step_0000002.pt").read_bytes()
+
+    def poisoned(*args, **kwargs):  # data that turns the loss into NaN
+        ds = DigitsDataset(8)
+        ds.images[:] = float("nan")
+        return ds
+
+    monkeypatch.setattr(train_mod, "build_dataset", poisoned)
+    with pytest.raises(train_mod.TrainingDiverged, match="loss became nan at step 2.*step_0000002.pt"):
+        train(Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, max_steps=5,
+                     ckpt_every=1, tensorboard=False, results_dir=str(out), resume="auto"), progress=False)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002.pt"]
+    assert (out / "checkpoints" / "step_0000002.pt").read_bytes() == good
+
+
+def _ddp_worker(rank, world, port, out, q):
+    dist_env(rank, world, port)
+    cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=4,
+                 ckpt_every=4, log_every=1, tensorboard=False, results_dir=out, device="cpu")
+    train(cfg, progress=False)
+    q.put(rank)
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=4,
+                 ckpt_every=4, log_every=1, tensorboard=False, results_dir=str(one), device="cpu")
+    train(cfg, progress=False)
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(two), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    a = load_state(one / "checkpoints" / "step_0000004.pt")
+    b = load_state(two / "checkpoints" / "step_0000004.pt")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
