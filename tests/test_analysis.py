@@ -1,0 +1,52 @@
+import json
+
+import numpy as np
+import torch
+
+from switch_dit import create_model
+from switch_dit.analysis import analyze, colormap, routing_summary, task_affinity, task_expert_map
+from tests.helpers import TINY, run_cli
+
+
+def test_map_rows_have_k_per_block_and_summary():
+    torch.manual_seed(0)
+    model = create_model("Switch-DiT-XS/2", input_size=8, in_channels=1, num_classes=10, num_experts=4, top_k=3)
+    pattern = task_expert_map(model)
+    assert pattern.shape == (1000, 6 * 4)
+    assert (pattern.reshape(1000, 6, 4).sum(-1) == 3).all()
+    s = routing_summary(pattern, 4)
+    for b in s["blocks"]:
+        cols = pattern[:, b["block"] * 4:(b["block"] + 1) * 4]
+        assert b["shared_experts"] == [j for j in range(4) if cols[:, j].all()]
+        for t in b["switch_timesteps"]:
+            assert not np.array_equal(cols[t], cols[t - 1])
+        assert sum(b["usage"]) == 3.0
+
+
+def test_affinity_and_colormap():
+    w = np.array([[1, 0, 1], [1, 0, 1], [0, 1, 0]])
+    a = task_affinity(w)
+    assert a[0, 1] == 1.0 and a[0, 2] == 0.0 and np.allclose(a, a.T)
+    img = colormap(np.array([[0.0, 1.0]]))
+    assert img.shape == (1, 2, 3) and tuple(img[0, 0]) == (68, 1, 84) and tuple(img[0, 1]) == (253, 231, 37)
+
+
+def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 3, "--ckpt-every", 3, "--results-dir", out) == 0
+    assert run_cli("analyze", out / "checkpoints" / "step_0000003.pt", "--out", tmp_path / "an") == 0
+    for f in ("task_expert_map.png", "task_affinity.png", "prior_affinity.png", "routing.json"):
+        assert (tmp_path / "an" / f).is_file()
+    summary = json.loads((tmp_path / "an" / "routing.json").read_text())
+    assert summary["num_blocks"] == 6 and summary["num_experts"] == 3 and len(summary["blocks"]) == 6
+    # a checkpoint without routing gives a clear message
+    assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--max-steps", 1, "--results-dir", tmp_path / "d") == 0
+    capsys.readouterr()
+    assert run_cli("analyze", tmp_path / "d" / "checkpoints" / "step_0000001.pt") != 0
+    assert "without Switch-DiT routing" in capsys.readouterr().err
+
+
+def test_analyze_function_writes_files(tmp_path):
+    model = create_model("Switch-DiT-XS/2", input_size=8, in_channels=1, num_classes=10)
+    summary = analyze(model, tmp_path)
+    assert summary["num_timesteps"] == 1000 and (tmp_path / "task_affinity.png").is_file()
