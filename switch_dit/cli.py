@@ -88,7 +88,7 @@ def _demo(args) -> int:
     results = Path(cfg.results_dir)
     with torch.no_grad():
         grid = class_grid(out["ema"], cfg, out["dataset"].num_classes, per_class=10, seed=cfg.global_seed)
-    grid_path = write_grid(str(results / "samples_grid.png"), grid, scale=3)
+    grid_path = write_grid(str(results / "samples_grid.png"), grid, scale=max(1, 64 // cfg.image_size))
     lines = [f"[switch-dit] demo finished in {time.time() - t0:.0f} s",
              f"  sample grid (one row per class: {', '.join(getattr(out['dataset'], 'class_names', []))}): {grid_path}"]
     if out["ema"].prior is not None:
@@ -181,6 +181,21 @@ def _analyze(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import run_comparison
+
+    overrides = {}
+    for k in ("data", "data_path", "image_size", "global_batch_size", "lr", "warmup_steps", "sampler",
+              "num_sampling_steps"):
+        if getattr(args, k) is not None:
+            overrides[k] = getattr(args, k)
+    res = run_comparison(args.out, size=args.size, patch=args.patch, seeds=args.seeds, max_steps=args.max_steps,
+                         eval_every=args.eval_every, num_samples=args.num_samples, cfg_scale=args.cfg_scale,
+                         overrides=overrides, progress=not args.no_progress)
+    print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({len(res['runs'])} runs)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switch-dit", description="Switch Diffusion Transformer: train, sample, demo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RESULTS/analysis)")
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("compare", help="DiT vs DTR vs Switch-DiT: same size, seed, data order and budget; report")
+    p.add_argument("--out", default="results/compare", help="report folder (rerunning resumes)")
+    p.add_argument("--size", default="XS")
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--max-steps", type=int, help="training steps per run (default: the cpu-fashion preset)")
+    p.add_argument("--eval-every", type=int, help="checkpoint/evaluation interval (default: max-steps / 3)")
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per FID evaluation")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    for flag, typ in (("--data", str), ("--data-path", str), ("--image-size", int), ("--global-batch-size", int),
+                      ("--lr", float), ("--warmup-steps", int), ("--sampler", str), ("--num-sampling-steps", int)):
+        p.add_argument(flag, type=typ, help="override the cpu-fashion preset")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_compare)
     return parser
 
 

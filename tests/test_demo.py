@@ -14,7 +14,7 @@ def test_demo_writes_grid_routing_map_and_tensorboard(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out / "samples_grid.png") in printed and str(out / "routing_map.png") in printed
     grid = np.array(Image.open(out / "samples_grid.png"))
-    assert grid.shape[0] == 3 * (2 + 10 * 10)  # ten class rows of 8x8 samples, scaled 3x
+    assert grid.shape[0] == 8 * (2 + 10 * 10)  # ten class rows of 8x8 samples, scaled up to 64 px
     rmap = np.array(Image.open(out / "routing_map.png"))
     assert rmap.shape[0] == 1000
     events = list((out / "tb").glob("events.out.tfevents.*"))

@@ -1,0 +1,184 @@
+"""The paper's comparison at small scale: DiT vs DTR vs Switch-DiT, same size, seed, data order and budget.
+
+Only the routing differs between the three runs. FID / IS / precision / recall use the bundled
+Fashion-MNIST classifier's features (not comparable with Inception-based numbers) at several checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PRESETS, Config
+from .flops import forward_gflops
+
+VARIANTS = ("DiT", "DTR", "Switch-DiT")
+
+
+def _evaluate_checkpoint(path: Path, extractor, ref_feats, num_samples: int, cfg_scale: float, batch: int) -> dict:
+    from .evaluate.run import score
+    from .images import to_uint8
+    from .sample import load_model_for_sampling, sample_latents, sampling_diffusion
+
+    model, cfg, step = load_model_for_sampling(str(path))
+    cfg.cfg_scale = cfg_scale
+    diffusion = sampling_diffusion(cfg)
+    images = []
+    for s in range(0, num_samples, batch):
+        idx = range(s, min(num_samples, s + batch))
+        labels = torch.tensor([i % model.num_classes for i in idx])
+        seeds = [1_000_003 * 12345 + i for i in idx]  # the same noise for every model
+        with torch.no_grad():
+            images.append(to_uint8(sample_latents(model, diffusion, cfg, labels, seeds, torch.device("cpu"))))
+    result = score(np.concatenate(images), extractor, ref_feats)
+    result["step"] = step
+    return result
+
+
+def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), max_steps: int | None = None,
+                   eval_every: int | None = None, num_samples: int = 1000, cfg_scale: float = 1.5,
+                   overrides: dict | None = None, progress: bool = True) -> dict:
+    """Train the three variants for each seed (resumable: finished runs are reused), evaluate, write a report."""
+    from .evaluate.features import ClassifierExtractor
+    from .evaluate.run import reference_features
+    from .train import train
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = dict(PRESETS["cpu-fashion"])
+    base.update(overrides or {})
+    if max_steps is not None:
+        base["max_steps"] = max_steps
+    eval_every = eval_every or max(1, base["max_steps"] // 3)
+    extractor = ClassifierExtractor()
+    ref_feats, _, _ = reference_features(extractor, base.get("data", "fashion-mnist"), base.get("data_path"), "train",
+                                         base["image_size"], 10_000)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    for seed in seeds:
+        for variant in VARIANTS:
+            name = f"{variant}-{size}/{patch}"
+            key = f"{variant}/seed{seed}"
+            run_dir = out / "runs" / f"{variant}_seed{seed}"
+            cfg = Config(**{**base, "model": name, "global_seed": seed, "results_dir": str(run_dir),
+                            "ckpt_every": eval_every, "keep_last": 1000, "sample_every": 0, "resume": "auto"})
+            rec = results["runs"].setdefault(key, {"model": name, "seed": seed, "evals": {}})
+            if rec.get("finished_step") != cfg.max_steps:
+                t0 = time.time()
+                summary = train(cfg, progress=progress)
+                rec["train_seconds"] = rec.get("train_seconds", 0.0) + time.time() - t0
+                rec["params_m"] = sum(p.numel() for p in summary["model"].parameters()) / 1e6
+                rec["finished_step"] = summary["step"]
+            rec["gflops"] = forward_gflops(name, cfg.image_size, 1, 10, top_k=cfg.top_k, num_experts=cfg.num_experts)
+            for ckpt in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+                step = str(int(ckpt.stem.split("_")[1]))
+                if step not in rec["evals"]:
+                    rec["evals"][step] = _evaluate_checkpoint(ckpt, extractor, ref_feats, num_samples, cfg_scale, 100)
+                    results_path.write_text(json.dumps(results, indent=1))
+            results_path.write_text(json.dumps(results, indent=1))
+            if seed == seeds[0]:
+                _pictures(run_dir, variant, out, cfg)
+    results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
+                         "cfg_scale": cfg_scale, "eval_every": eval_every}
+    results_path.write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+    return results
+
+
+def _pictures(run_dir: Path, variant: str, out: Path, cfg: Config) -> None:
+    """A class grid of the final EMA model, and for Switch-DiT its routing maps."""
+    from .analysis import analyze
+    from .sample import class_grid, load_model_for_sampling, write_grid
+
+    final = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    model, run_cfg, _ = load_model_for_sampling(str(final))
+    with torch.no_grad():
+        grid = class_grid(model, run_cfg, model.num_classes, per_class=10, seed=0)
+    write_grid(str(out / f"{variant}_grid.png"), grid, scale=max(1, 48 // run_cfg.image_size))
+    if model.prior is not None:
+        summary = analyze(model, out / f"{variant}_analysis")
+        import shutil
+        shutil.copy(summary["files"]["task_expert_map"], out / f"{variant}_routing_map.png")
+        shutil.copy(summary["files"]["task_affinity"], out / f"{variant}_routing_affinity.png")
+
+
+def _aggregate(results: dict) -> dict:
+    """variant -> step -> metric -> (mean, std) over seeds."""
+    agg: dict = {}
+    for rec in results["runs"].values():
+        variant = rec["model"].rsplit("-", 1)[0]
+        for step, ev in rec["evals"].items():
+            for m in ("fid", "is_mean", "precision", "recall"):
+                agg.setdefault(variant, {}).setdefault(int(step), {}).setdefault(m, []).append(ev[m])
+    return {v: {s: {m: (float(np.mean(x)), float(np.std(x))) for m, x in ms.items()} for s, ms in sorted(steps.items())}
+            for v, steps in agg.items()}
+
+
+def write_report(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = _aggregate(results)
+    runs = results["runs"]
+    info = {}
+    for rec in runs.values():
+        v = rec["model"].rsplit("-", 1)[0]
+        i = info.setdefault(v, {"params": rec.get("params_m"), "gflops": rec.get("gflops"), "time": []})
+        i["time"].append(rec.get("train_seconds", float("nan")))
+    cfg = results.get("config", {})
+    seeds = cfg.get("seeds", [0])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for v, steps in agg.items():
+        xs = list(steps)
+        ys = np.array([steps[s]["fid"][0] for s in xs])
+        sd = np.array([steps[s]["fid"][1] for s in xs])
+        ax.plot(xs, ys, marker="o", label=v)
+        if len(seeds) > 1:
+            ax.fill_between(xs, ys - sd, ys + sd, alpha=0.2)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("FID (classifier features)")
+    ax.set_title("FID vs steps (paper Fig. 5 analogue)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_steps.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for v, steps in agg.items():
+        last = max(steps)
+        ax.scatter([info[v]["gflops"]], [steps[last]["fid"][0]], label=v, s=40)
+    ax.set_xlabel("GFLOPs per forward (one sample, MACs)")
+    ax.set_ylabel("final FID (classifier features)")
+    ax.set_title("FID vs GFLOPs (paper Fig. 4 analogue)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_gflops.png", dpi=120)
+    plt.close(fig)
+
+    lines = ["# DiT vs DTR vs Switch-DiT on Fashion-MNIST", "",
+             f"Size {cfg.get('size')}/{cfg.get('patch')}, image size {cfg.get('image_size')}, "
+             f"global batch {cfg.get('global_batch_size')}, lr {cfg.get('lr')}, {cfg.get('max_steps')} steps, "
+             f"seeds {seeds}; the three runs differ only in routing. Metrics: {cfg.get('num_samples')} samples "
+             f"({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance {cfg.get('cfg_scale')}) "
+             "scored with the bundled Fashion-MNIST classifier's features against 10,000 training images. "
+             "These numbers are not comparable with Inception-based FID/IS.", "",
+             "| model | params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for v, steps in agg.items():
+        for s, m in steps.items():
+            fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if len(seeds) > 1 else ""))
+            lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['gflops']:.3f} | {s} | {fmt('fid')} | "
+                         f"{fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
+                         f"{np.mean(info[v]['time']):.0f} |")
+    lines += ["", "![FID vs steps](fid_vs_steps.png) ![FID vs GFLOPs](fid_vs_gflops.png)", ""]
+    for img in sorted(out.glob("*_grid.png")) + sorted(out.glob("*routing*.png")):
+        lines.append(f"![{img.stem}]({img.name})")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+__all__ = ["run_comparison", "write_report", "VARIANTS"]

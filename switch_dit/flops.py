@@ -1,0 +1,25 @@
+"""GFLOPs of one forward pass for one sample, counted by torch (no model weights needed: runs on 'meta')."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: int = 10, **options) -> float:
+    """Multiply-accumulates / 1e9 of model(x, t, y) for one sample at one timestep.
+
+    DiT and Switch-DiT report "GFLOPs" as multiply-accumulates (fvcore's convention: DiT-XL/2 = 118.6),
+    so this counts MACs (torch's FLOP count / 2). Switch-DiT here runs the merged experts: one D x D
+    matmul per token and block, fewer than routing each token through k experts."""
+    from .models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                             **options).eval()
+        x = torch.empty(1, in_channels, input_size, input_size)
+        t = torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long)
+    model.to("meta")  # buffers made from numpy (positions, tables) too
+    with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors
+        model(x, t, y)
+    return counter.get_total_flops() / 2 / 1e9

@@ -1,0 +1,26 @@
+import json
+
+from tests.helpers import run_cli
+
+
+def test_comparison_end_to_end_tiny_budget(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--out", out, "--data", "digits", "--image-size", 8, "--patch", 2, "--max-steps", 2,
+            "--eval-every", 1, "--num-samples", 20, "--num-sampling-steps", 2, "--global-batch-size", 8,
+            "--seeds", 0, 1, "--no-progress"]
+    assert run_cli(*args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {f"{v}/seed{s}" for v in ("DiT", "DTR", "Switch-DiT") for s in (0, 1)}
+    for rec in res["runs"].values():
+        assert set(rec["evals"]) == {"1", "2"} and rec["gflops"] > 0
+    # Only the routing differs: DiT and DTR have the same parameter count, Switch-DiT more.
+    p = {k.split("/")[0]: v["params_m"] for k, v in res["runs"].items()}
+    assert p["DiT"] == p["DTR"] < p["Switch-DiT"]
+    report = (out / "report.md").read_text()
+    assert "| Switch-DiT |" in report and "±" in report
+    for f in ("fid_vs_steps.png", "fid_vs_gflops.png", "Switch-DiT_routing_map.png", "DiT_grid.png"):
+        assert (out / f).is_file()
+    # Rerunning reuses the finished runs and evaluations.
+    mtime = (out / "runs" / "DiT_seed0" / "checkpoints" / "step_0000002.pt").stat().st_mtime_ns
+    assert run_cli(*args) == 0
+    assert (out / "runs" / "DiT_seed0" / "checkpoints" / "step_0000002.pt").stat().st_mtime_ns == mtime

@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from switch_dit.data import FashionMNIST
+from switch_dit.evaluate.classifier import load_classifier
+from switch_dit.evaluate.features import ClassifierExtractor, find_inception
+from switch_dit.evaluate.run import load_npz_images, reference_features
+from switch_dit.images import to_uint8
+from tests.helpers import TINY, run_cli
+
+STATED_ACCURACY = 0.92  # README: test accuracy of the committed weights (scripts/train_classifier.py)
+
+
+def test_classifier_weights_reach_their_stated_accuracy():
+    test = FashionMNIST(split="test", image_size=32)
+    model = load_classifier()
+    idx = torch.arange(0, 10000, 5)  # a 2,000-image slice of the test set
+    with torch.no_grad():
+        acc = (model(test.images[idx]).argmax(1) == test.labels[idx]).float().mean().item()
+    assert acc >= STATED_ACCURACY
+
+
+def test_reference_cache_reused_and_rebuilt(tmp_path):
+    ex = ClassifierExtractor()
+    calls = []
+    orig = ex.__call__
+
+    class Counting(ClassifierExtractor):
+        def __call__(self, images):
+            calls.append(len(images))
+            return orig(images)
+
+    counting = Counting.__new__(Counting)
+    counting.__dict__.update(ex.__dict__)
+    f1, _, p1 = reference_features(counting, "digits", None, "train", 8, 200, tmp_path)
+    f2, _, p2 = reference_features(counting, "digits", None, "train", 8, 200, tmp_path)
+    assert p1 == p2 and np.array_equal(f1, f2) and calls == [200]
+    f3, _, p3 = reference_features(counting, "digits", None, "train", 8, 300, tmp_path)  # other inputs
+    assert p3 != p1 and calls == [200, 300] and len(f3) == 300
+
+
+def test_evaluate_npz_of_real_images_beats_noise(tmp_path, capsys):
+    real = to_uint8(FashionMNIST(split="test", image_size=32).images[:500])
+    noise = np.random.default_rng(0).integers(0, 256, real.shape).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    np.savez(tmp_path / "noise.npz", arr_0=noise)
+    scores = {}
+    for name in ("real", "noise"):
+        capsys.readouterr()
+        assert run_cli("evaluate", "--npz", tmp_path / f"{name}.npz", "--ref-limit", 2000, "--cache-dir", tmp_path,
+                       "--out", tmp_path / f"{name}.json") == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["real"]["fid"] < 0.1 * scores["noise"]["fid"]
+    assert scores["real"]["precision"] > 0.8 and scores["real"]["recall"] > 0.8
+    assert scores["noise"]["recall"] < 0.1  # noise collapses to one point of feature space: no coverage
+    assert scores["real"]["is_mean"] > 5 > scores["noise"]["is_mean"]
+    assert "not comparable" in scores["real"]["note"]
+
+
+def test_evaluate_from_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 2, "--results-dir", out) == 0
+    assert run_cli("evaluate", "--ckpt", out / "checkpoints" / "step_0000002.pt", "--num-samples", 20,
+                   "--num-sampling-steps", 2, "--ref-data", "digits", "--cache-dir", tmp_path,
+                   "--out", tmp_path / "s.json") == 0
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["num_samples"] == 20 and np.isfinite(res["fid"])
+
+
+@pytest.mark.parametrize("arr, match", [
+    (np.zeros((4, 8, 8, 1), dtype=np.float32), "uint8"),
+    (np.zeros((4, 8, 8), dtype=np.uint8), "uint8 \\(N, H, W, C\\)"),
+    (np.zeros((4, 8, 8, 2), dtype=np.uint8), "C = 1 or 3"),
+])
+def test_bad_npz(tmp_path, arr, match):
+    np.savez(tmp_path / "bad.npz", arr_0=arr)
+    with pytest.raises(ValueError, match=match):
+        load_npz_images(tmp_path / "bad.npz")
+
+
+def test_missing_inception_says_how_to_install(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        find_inception(str(tmp_path / "none.pt"))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    code = run_cli("evaluate", "--npz", tmp_path / "s.npz", "--features", "inception", "--inception",
+                   tmp_path / "none.pt")
+    assert code != 0 and "none.pt" in capsys.readouterr().err
+
+
+def test_inception_extractor_with_a_torchscript_file(tmp_path):
+    """Any TorchScript file works; one without logits gives FID and P/R but says there is no IS."""
+    from switch_dit.evaluate.features import InceptionExtractor
+    from switch_dit.evaluate.run import score
+
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            assert x.shape[1:] == (3, 299, 299) and x.min() >= -1 and x.max() <= 1
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    torch.jit.script(Pool()).save(str(tmp_path / "fake_inception.pt"))
+    ex = InceptionExtractor(str(tmp_path / "fake_inception.pt"))
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1)).astype(np.uint8)
+    feats, logits = ex(imgs)
+    assert feats.shape == (20, 48) and logits is None and not ex.has_logits
+    res = score(imgs, ex, feats)
+    assert res["is_mean"] is None and "no Inception Score" in res["is_note"] and abs(res["fid"]) < 1e-6
