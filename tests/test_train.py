@@ -111,3 +111,14 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     b = load_state(two / "checkpoints" / "step_0000004.pt")
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_runs(tmp_path, precision):
+    cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=3,
+                 ckpt_every=3, log_every=1, tensorboard=False, results_dir=str(tmp_path), mixed_precision=precision)
+    out = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
+    state = load_state(tmp_path / "checkpoints" / "step_0000003.pt")
+    assert all(v.dtype == torch.float32 for v in state["ema"].values() if v.is_floating_point())
+    assert "scale" in state["scaler"] or precision == "bf16"
