@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import ARCH_FIELDS, Config, config_from_dict
+from .config import ARCH_FIELDS, Config
 from .data import build_dataset
 from .diffusion import create_diffusion, create_weighting
 from .integrations import RunLogger
@@ -313,10 +313,6 @@ def _log_samples(ema: DiT, diffusion, cfg: Config, dataset, logger: RunLogger, s
 def _to_yaml(d: dict) -> str:
     import yaml
     return yaml.safe_dump(d, sort_keys=False)
-
-
-def load_config_from_checkpoint(saved: dict) -> Config:
-    return config_from_dict(saved["config"])
 
 
 __all__ = ["train", "TrainingDiverged", "global_batch_indices", "step_generator", "build_model", "update_ema",

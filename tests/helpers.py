@@ -29,3 +29,17 @@ def free_port() -> int:
 def dist_env(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+
+
+def run_processes(target, world: int, *args, timeout: float = 240) -> None:
+    """Run target(rank, world, port, *args) in `world` spawned processes (a gloo group); all must succeed."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        assert p.exitcode == 0, f"process exited with {p.exitcode}"

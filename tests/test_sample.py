@@ -3,11 +3,10 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from switch_dit import create_model
 from switch_dit.sample import load_model_for_sampling, sample_npz
-from tests.helpers import TINY, dist_env, free_port, run_cli
+from tests.helpers import TINY, dist_env, run_cli, run_processes
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +48,7 @@ def test_npz_identical_with_one_or_two_processes_and_resumes(trained, tmp_path):
     cfg.num_sampling_steps, cfg.device = 3, "cpu"
     one = tmp_path / "one.npz"
     sample_npz(model, cfg, 10, one, batch_size=4, progress=False)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_npz_worker, args=(r, 2, port, str(trained), str(tmp_path / "two.npz")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode == 0
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    run_processes(_npz_worker, 2, str(trained), str(tmp_path / "two.npz"))
     with np.load(one) as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
         first = a["arr_0"].copy()

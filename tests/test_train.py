@@ -1,13 +1,10 @@
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from switch_dit.checkpoint import list_checkpoints
 from switch_dit.config import Config
 from switch_dit.train import global_batch_indices, train
-from tests.helpers import TINY, dist_env, free_port, load_state, run_cli
+from tests.helpers import TINY, dist_env, load_state, run_cli, run_processes
 
 
 def test_cli_training_on_digits_loss_finite_and_decreasing(tmp_path):
@@ -82,12 +79,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert (out / "checkpoints" / "step_0000002.pt").read_bytes() == good
 
 
-def _ddp_worker(rank, world, port, out, q):
+def _ddp_worker(rank, world, port, out):
     dist_env(rank, world, port)
     cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=4,
                  ckpt_every=4, log_every=1, tensorboard=False, results_dir=out, device="cpu")
     train(cfg, progress=False)
-    q.put(rank)
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
@@ -96,17 +92,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=4,
                  ckpt_every=4, log_every=1, tensorboard=False, results_dir=str(one), device="cpu")
     train(cfg, progress=False)
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(two), q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode == 0
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    run_processes(_ddp_worker, 2, str(two))
     a = load_state(one / "checkpoints" / "step_0000004.pt")
     b = load_state(two / "checkpoints" / "step_0000004.pt")
     for k in a["model"]:
