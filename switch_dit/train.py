@@ -116,9 +116,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def collate(dataset, indices: torch.Tensor):
-    items = [dataset[int(i)] for i in indices]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+class StepBatches(torch.utils.data.Sampler):
+    """This process's slice of each step's global batch, for steps [start, end): a DataLoader batch sampler."""
+
+    def __init__(self, num_items: int, global_batch: int, seed: int, start: int, end: int, sl: slice):
+        self.args = (num_items, global_batch, seed)
+        self.start, self.end, self.sl = start, end, sl
+
+    def __len__(self):
+        return max(0, self.end - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield global_batch_indices(*self.args, step)[self.sl].tolist()
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
@@ -196,6 +206,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.max_steps, initial=start_step, dynamic_ncols=True, desc="train")
     sl = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+    # Worker processes (--num-workers) load image folders ahead; the order is still fixed by (seed, step).
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(dataset), cfg.global_batch_size, cfg.global_seed, start_step,
+                                           cfg.max_steps, sl),
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
     model.train()
     history: list[dict] = []
     t_last, steps_since = time.time(), 0
@@ -203,8 +218,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     step = start_step
     try:
         while step < cfg.max_steps:
-            idx = global_batch_indices(len(dataset), cfg.global_batch_size, cfg.global_seed, step)[sl]
-            x, y = collate(dataset, idx)
+            x, y = next(loader)
             g = step_generator(cfg.global_seed, step)
             B = cfg.global_batch_size
             flips = torch.rand(B, generator=g)[sl] < 0.5

@@ -108,3 +108,22 @@ def test_mixed_precision_training_runs(tmp_path, precision):
     state = load_state(tmp_path / "checkpoints" / "step_0000003.pt")
     assert all(v.dtype == torch.float32 for v in state["ema"].values() if v.is_floating_point())
     assert "scale" in state["scaler"] or precision == "bf16"
+
+
+def test_worker_processes_load_the_same_batches(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(root / c / f"{i}.png")
+    states = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        assert run_cli("train", *TINY, "--data", "folder", "--data-path", root, "--max-steps", 3, "--ckpt-every", 3,
+                       "--num-workers", workers, "--results-dir", out) == 0
+        states.append(load_state(out / "checkpoints" / "step_0000003.pt")["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
