@@ -101,3 +101,16 @@ def test_dtr_table_formula():
     expect = np.round(np.linspace(0, 1, T) ** alpha * (C - w))
     assert np.array_equal(start, expect)
     assert start[0] == 0 and start[-1] == C - w
+
+
+def test_mask_keeps_small_expert_outputs_under_bf16_autocast():
+    router = SwitchRouter(32, 3, 2)
+    with torch.no_grad():
+        router.expert_weight.normal_(0, 1e-4)  # expert outputs ~1e-3: below bf16's resolution around 1
+    x, t_emb, t = torch.randn(2, 4, 32), torch.randn(2, 32), torch.tensor([1, 2])
+    ref = router(x, t, t_emb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = router(x, t, t_emb)
+    assert amp.dtype == torch.float32
+    assert torch.allclose(amp - 1, ref - 1, rtol=0.02, atol=1e-5)
+    assert (ref - 1).abs().max() > 1e-4

@@ -90,10 +90,12 @@ class SwitchRouter(nn.Module):
         uniform = isinstance(t_index, int)
         g = self.gates(t_emb[:1] if uniform else t_emb).to(x.dtype)
         w = torch.einsum("nm,mio->nio", g, self.expert_weight.to(x.dtype))
-        b = g @ self.expert_bias.to(x.dtype) + self.offset  # the "1 +" rides on the fused bias add
-        if uniform:  # one timestep for the batch: a single merged matrix, one plain matmul
-            return F.linear(x, w[0].t(), b[0])
-        return torch.baddbmm(b.unsqueeze(1), x, w)
+        # In full precision the "1 +" rides on the fused bias add; under autocast it is added after the
+        # low-precision matmul, since 1 + e in bf16 would round away expert outputs below 2^-8.
+        amp = torch.is_autocast_enabled(x.device.type)
+        b = g @ self.expert_bias.to(x.dtype) + (0.0 if amp else self.offset)
+        e = F.linear(x, w[0].t(), b[0]) if uniform else torch.baddbmm(b.unsqueeze(1), x, w)
+        return e.to(x.dtype) + self.offset if amp else e
 
 
 def reference_switch_mask(router: SwitchRouter, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
