@@ -191,7 +191,8 @@ def _compare(args) -> int:
             overrides[k] = getattr(args, k)
     res = run_comparison(args.out, size=args.size, patch=args.patch, seeds=args.seeds, max_steps=args.max_steps,
                          eval_every=args.eval_every, num_samples=args.num_samples, cfg_scale=args.cfg_scale,
-                         overrides=overrides, progress=not args.no_progress)
+                         overrides=overrides, progress=not args.no_progress,
+                         command="switch-dit " + " ".join(args.argv))
     print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({len(res['runs'])} runs)")
     return 0
 
@@ -283,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in reports
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors carry the fix; no traceback

@@ -40,7 +40,7 @@ def _evaluate_checkpoint(path: Path, extractor, ref_feats, num_samples: int, cfg
 
 def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), max_steps: int | None = None,
                    eval_every: int | None = None, num_samples: int = 1000, cfg_scale: float = 1.5,
-                   overrides: dict | None = None, progress: bool = True) -> dict:
+                   overrides: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
     """Train the three variants for each seed (resumable: finished runs are reused), evaluate, write a report."""
     from .evaluate.features import ClassifierExtractor
     from .evaluate.run import reference_features
@@ -83,6 +83,8 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
                 _pictures(run_dir, variant, out, cfg)
     results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
                          "cfg_scale": cfg_scale, "eval_every": eval_every}
+    if command:
+        results["command"] = command
     results_path.write_text(json.dumps(results, indent=1))
     write_report(results, out)
     return results
@@ -166,6 +168,7 @@ def write_report(results: dict, out: Path) -> Path:
              f"({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance {cfg.get('cfg_scale')}) "
              "scored with the bundled Fashion-MNIST classifier's features against 10,000 training images. "
              "These numbers are not comparable with Inception-based FID/IS.", "",
+             *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              "| model | params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():

@@ -18,6 +18,7 @@ def test_comparison_end_to_end_tiny_budget(tmp_path):
     assert p["DiT"] == p["DTR"] < p["Switch-DiT"]
     report = (out / "report.md").read_text()
     assert "| Switch-DiT |" in report and "±" in report
+    assert "Command: `switch-dit compare --out" in report
     for f in ("fid_vs_steps.png", "fid_vs_gflops.png", "Switch-DiT_routing_map.png", "DiT_grid.png"):
         assert (out / f).is_file()
     # Rerunning reuses the finished runs and evaluations.
