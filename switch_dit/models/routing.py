@@ -92,7 +92,7 @@ class SwitchRouter(nn.Module):
         w = torch.einsum("nm,mio->nio", g, self.expert_weight.to(x.dtype))
         # In full precision the "1 +" rides on the fused bias add; under autocast it is added after the
         # low-precision matmul, since 1 + e in bf16 would round away expert outputs below 2^-8.
-        amp = torch.is_autocast_enabled(x.device.type)
+        amp = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta: FLOP counting
         b = g @ self.expert_bias.to(x.dtype) + (0.0 if amp else self.offset)
         e = F.linear(x, w[0].t(), b[0]) if uniform else torch.baddbmm(b.unsqueeze(1), x, w)
         return e.to(x.dtype) + self.offset if amp else e
