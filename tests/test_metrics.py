@@ -21,6 +21,20 @@ def test_fid_of_shifted_gaussians_matches_closed_form():
     assert fid_from_features(a, b) == pytest.approx(expect, abs=0.1)
 
 
+def test_fid_matches_the_general_matrix_square_root_formula():
+    from scipy import linalg
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    # singular covariances (a dead unit) are fine and give no warning
+    s1[0, :] = s1[:, 0] = 0
+    assert np.isfinite(frechet_distance(mu1, s1, mu1, s1)) and abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+
+
 def test_precision_recall_identical_and_disjoint():
     x = np.random.default_rng(0).normal(size=(300, 5))
     assert precision_recall(x, x, k=3, batch=64) == (1.0, 1.0)
