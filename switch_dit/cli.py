@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, add_config_arguments, config_from_args
+from .config import add_config_arguments, config_from_args
 
 
 def _train(args) -> int:
@@ -114,9 +114,6 @@ def _extract(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    import numpy as np
-    import torch
-
     from .evaluate.features import build_extractor
     from .evaluate.run import DEFAULT_CACHE, load_folder_images, load_npz_images, reference_features, score
     from .utils.dist import resolve_device
@@ -131,8 +128,7 @@ def _evaluate(args) -> int:
     elif args.images:
         images = load_folder_images(args.images, args.image_size)
     else:
-        from .images import to_uint8
-        from .sample import decode, load_model_for_sampling, sample_latents, sampling_diffusion
+        from .sample import load_model_for_sampling, sample_images
         model, cfg, _ = load_model_for_sampling(args.ckpt)
         for k in ("sampler", "num_sampling_steps", "cfg_scale", "global_seed"):
             if getattr(args, k) is not None:
@@ -142,15 +138,7 @@ def _evaluate(args) -> int:
         if cfg.vae:
             from .data.latents import load_vae
             vae = load_vae(cfg.vae).to(device)
-        diffusion = sampling_diffusion(cfg)
-        chunks = []
-        for s in range(0, args.num_samples, args.batch_size):
-            idx = range(s, min(args.num_samples, s + args.batch_size))
-            labels = torch.tensor([i % model.num_classes for i in idx])  # classes evenly represented
-            seeds = [cfg.global_seed * 1_000_003 + i for i in idx]
-            with torch.no_grad():
-                chunks.append(to_uint8(decode(sample_latents(model, diffusion, cfg, labels, seeds, device), vae)))
-        images = np.concatenate(chunks)
+        images = sample_images(model, cfg, args.num_samples, device, vae, args.batch_size)
     ref_feats, _, cache = reference_features(extractor, args.ref_data, args.ref_path, args.ref_split,
                                              args.ref_image_size or images.shape[1], args.ref_limit,
                                              args.cache_dir or DEFAULT_CACHE)

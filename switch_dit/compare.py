@@ -20,20 +20,13 @@ VARIANTS = ("DiT", "DTR", "Switch-DiT")
 
 def _evaluate_checkpoint(path: Path, extractor, ref_feats, num_samples: int, cfg_scale: float, batch: int) -> dict:
     from .evaluate.run import score
-    from .images import to_uint8
-    from .sample import load_model_for_sampling, sample_latents, sampling_diffusion
+    from .sample import load_model_for_sampling, sample_images
 
     model, cfg, step = load_model_for_sampling(str(path))
     cfg.cfg_scale = cfg_scale
-    diffusion = sampling_diffusion(cfg)
-    images = []
-    for s in range(0, num_samples, batch):
-        idx = range(s, min(num_samples, s + batch))
-        labels = torch.tensor([i % model.num_classes for i in idx])
-        seeds = [1_000_003 * 12345 + i for i in idx]  # the same noise for every model
-        with torch.no_grad():
-            images.append(to_uint8(sample_latents(model, diffusion, cfg, labels, seeds, torch.device("cpu"))))
-    result = score(np.concatenate(images), extractor, ref_feats)
+    # The same noise and labels for every model and training seed.
+    images = sample_images(model, cfg, num_samples, "cpu", batch_size=batch, seed_base=1_000_003 * 12345)
+    result = score(images, extractor, ref_feats)
     result["step"] = step
     return result
 

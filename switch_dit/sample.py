@@ -108,6 +108,22 @@ def class_grid(model: DiT, cfg: Config, num_classes: int, per_class: int = 8, se
     return make_grid(to_uint8(decode(x, vae)), nrow=per_class)
 
 
+def sample_images(model: DiT, cfg: Config, num_samples: int, device, vae=None, batch_size: int = 100,
+                  seed_base: int | None = None) -> np.ndarray:
+    """num_samples uint8 (N, H, W, C) images with the classes evenly represented (label i % classes) and the
+    per-sample seeds seed_base + i (default: from cfg.global_seed)."""
+    seed_base = cfg.global_seed * 1_000_003 if seed_base is None else seed_base
+    diffusion = sampling_diffusion(cfg)
+    chunks = []
+    for s in range(0, num_samples, batch_size):
+        idx = range(s, min(num_samples, s + batch_size))
+        labels = torch.tensor([i % model.num_classes for i in idx])
+        with torch.no_grad():
+            x = sample_latents(model, diffusion, cfg, labels, [seed_base + i for i in idx], torch.device(device))
+            chunks.append(to_uint8(decode(x, vae)))
+    return np.concatenate(chunks)
+
+
 def write_grid(path: str, grid: np.ndarray, scale: int = 1) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_png(grid, path, scale=scale)
