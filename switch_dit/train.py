@@ -7,6 +7,7 @@ on P processes equals a run on one with the same global batch, and a resumed run
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import time
 from contextlib import nullcontext
@@ -35,12 +36,16 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 97 + stream) % (2**63 - 1))
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of an epoch, seeded by (seed, epoch); cached so each step does not redraw it."""
+    return torch.randperm(num_items, generator=step_generator(seed, epoch, stream=1))
+
+
 def global_batch_indices(num_items: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
     """Indices of the global batch of a step: epoch e is a permutation seeded by (seed, e), without replacement."""
-    steps_per_epoch = num_items // global_batch
-    epoch, i = divmod(step, steps_per_epoch)
-    perm = torch.randperm(num_items, generator=step_generator(seed, epoch, stream=1))
-    return perm[i * global_batch: (i + 1) * global_batch]
+    epoch, i = divmod(step, num_items // global_batch)
+    return epoch_permutation(num_items, seed, epoch)[i * global_batch: (i + 1) * global_batch].clone()
 
 
 def model_options(cfg: Config) -> dict:
