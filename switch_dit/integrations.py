@@ -1,6 +1,7 @@
-"""Optional logging back-ends, isolated here: TensorBoard (default) and wandb (opt-in, works offline)."""
+"""Logging back-ends, isolated here: a plain metrics.jsonl (always), TensorBoard (default), wandb (opt-in, offline)."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -11,11 +12,13 @@ class RunLogger:
     """Logs scalars and images to whichever back-ends are available and asked for; a no-op elsewhere."""
 
     def __init__(self, log_dir: str, tensorboard: bool = True, wandb: bool = False, config: dict | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, start_step: int = 0):
         self.tb = None
         self.wandb = None
+        self.jsonl = None
         if not enabled:
             return
+        self.jsonl = _open_jsonl(os.path.join(log_dir, "metrics.jsonl"), start_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -31,6 +34,9 @@ class RunLogger:
             self.wandb = _wandb.init(dir=log_dir, config=config or {})
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -47,7 +53,32 @@ class RunLogger:
             self.wandb.log({tag: _wandb.Image(image_hwc)}, step=step)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _open_jsonl(path: str, start_step: int):
+    """Append to metrics.jsonl, first dropping lines past start_step (written after the checkpoint a run resumes
+    from), so that a resumed run's log reads as one uninterrupted run."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+    with open(path, "w") as fh:
+        fh.writelines(kept)
+    return open(path, "a")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (one dict per logged step)."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -199,7 +199,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    logger = RunLogger(str(results), cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), enabled=info.is_main)
+    logger = RunLogger(str(results), cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), enabled=info.is_main,
+                       start_step=start_step)
     if info.is_main:
         (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
         print(f"[switch-dit] {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -219,6 +220,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     model.train()
     history: list[dict] = []
     t_last, steps_since = time.time(), 0
+    # Losses summed on the device over the log interval (no host sync per step); logged as interval means.
+    interval_sums = torch.zeros(4, device=device)
     last_saved = resume_path
     step = start_step
     try:
@@ -255,13 +258,15 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             scaler.step(opt)
             scaler.update()
             update_ema(ema, model, ema_decay_at(cfg, step))
+            interval_sums += torch.stack([loss.detach().float(), terms["mse"].detach().float().mean(),
+                                          terms["vb"].detach().float().mean(), terms["aux"].detach().float()])
             step += 1
             steps_since += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                vals = {"loss": loss.detach(), "mse": terms["mse"].detach().mean(), "vb": terms["vb"].detach().mean(),
-                        "prior_loss": terms["aux"].detach()}
-                vals = {k: _mean_over_ranks(v) for k, v in vals.items()}
+                means = (_mean_over_ranks(interval_sums) / steps_since).tolist()
+                interval_sums.zero_()
+                vals = dict(zip(("loss", "mse", "vb", "prior_loss"), means))
                 now = time.time()
                 vals["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
                 vals["lr"] = lr
@@ -311,12 +316,12 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
     return path
 
 
-def _mean_over_ranks(v: torch.Tensor) -> float:
+def _mean_over_ranks(v: torch.Tensor) -> torch.Tensor:
     v = v.float().clone()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(v)
         v /= torch.distributed.get_world_size()
-    return float(v)
+    return v
 
 
 def _log_samples(ema: DiT, diffusion, cfg: Config, dataset, logger: RunLogger, step: int, device) -> None:

@@ -3,6 +3,7 @@ import torch
 
 from switch_dit.checkpoint import list_checkpoints
 from switch_dit.config import Config
+from switch_dit.integrations import read_metrics
 from switch_dit.train import global_batch_indices, train
 from tests.helpers import TINY, dist_env, load_state, run_cli, run_processes
 
@@ -42,6 +43,26 @@ def test_resume_is_exact(tmp_path, model):
     assert sa["opt"]["state"].keys() == sb["opt"]["state"].keys()
     for k in sa["opt"]["state"]:
         assert torch.equal(sa["opt"]["state"][k]["exp_avg"], sb["opt"]["state"][k]["exp_avg"])
+    # metrics.jsonl of the resumed run reads as one run: steps 1..6 once each, the same losses
+    ma, mb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6] == [m["step"] for m in ma]
+    assert [m["train/mse"] for m in ma] == pytest.approx([m["train/mse"] for m in mb], rel=1e-5)
+
+
+def test_metrics_log_drops_lines_past_the_resume_step(tmp_path):
+    from switch_dit.integrations import RunLogger
+
+    log = RunLogger(str(tmp_path), tensorboard=False)
+    for s in (10, 20, 30):
+        log.scalars({"loss": s / 10}, s)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 40, "lo')  # a line cut short by kill -9
+    log = RunLogger(str(tmp_path), tensorboard=False, start_step=20)
+    log.scalars({"loss": 2.5}, 25)
+    log.close()
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "metrics.jsonl")] == [(10, 1.0), (20, 2.0),
+                                                                                          (25, 2.5)]
 
 
 def test_keep_last_and_truncated_checkpoint(tmp_path, capsys):
