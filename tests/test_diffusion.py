@@ -205,14 +205,17 @@ def test_uncertainty_weighting():
     assert torch.equal(torch.bincount(uw.interval(t, 10), minlength=4), torch.full((4,), 1000))
     t = torch.tensor([0, 100, 300, 600, 900, 950])  # intervals 0, 0, 1, 2, 3, 3
     mse = torch.tensor([1.0, 3.0, 4.0, 5.0, 6.0, 8.0])
-    vb = torch.zeros(6)
+    vb = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.5, 0.5])
     with torch.no_grad():
         uw.log_vars.copy_(torch.tensor([0.0, math.log(2.0), 0.0, -1.0]))
-    L = [2.0, 4.0, 5.0, 7.0]
+    # As the authors' code: L_c = mean of (MSE + VLB) over interval c, divided by the 4 intervals.
+    L = [3.0 / 4, 4.0 / 4, 7.0 / 4, 7.5 / 4]
     s = [0.0, math.log(2.0), 0.0, -1.0]
     expect = sum(0.5 * (math.exp(-sc) * lc + sc) for sc, lc in zip(s, L))
     loss = uw.combine(mse, vb, t, torch.ones(6), 1000)
     assert loss.item() == pytest.approx(expect, rel=1e-6)
+    # the numbers by hand: 0.5*(0.75) + 0.5*(0.5 + ln 2) + 0.5*(1.75) + 0.5*(e * 1.875 - 1)
+    assert loss.item() == pytest.approx(0.375 + 0.25 + 0.5 * math.log(2) + 0.875 + 0.5 * (math.e * 1.875 - 1), rel=1e-6)
     loss.backward()
     grad_expect = [0.5 * (1 - math.exp(-sc) * lc) for sc, lc in zip(s, L)]
     assert torch.allclose(uw.log_vars.grad, torch.tensor(grad_expect), atol=1e-6)

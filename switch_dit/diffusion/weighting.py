@@ -1,4 +1,5 @@
-"""Loss weightings over timesteps. Each weights the per-sample eps-MSE; the VLB term (variance only) is added as is."""
+"""Loss weightings over timesteps. constant / min-SNR / P2 weight the per-sample eps-MSE and add the VLB term
+(variance only) as is; UW weights whole per-interval losses (MSE + VLB), as the authors' code does."""
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,11 @@ class P2Weighting(LossWeighting):
 
 
 class UncertaintyWeighting(LossWeighting):
-    """ANT's uncertainty weighting "UW": t split into equal intervals, each batch stratified over them, and
-    sum_c 0.5 * (exp(-s_c) * L_c + s_c) with learnable log-variances s_c (start 0; own lr 0.025, no decay)."""
+    """ANT's uncertainty weighting "UW": t split into K equal intervals, each batch stratified over them, and
+    sum_c 0.5 * (exp(-s_c) * L_c + s_c) with learnable log-variances s_c (start 0; own lr 0.025, no decay).
+
+    As the authors' code computes it: L_c is the mean over interval c's samples of the whole per-sample loss
+    MSE + VLB, divided by K; the prior loss is added outside."""
 
     name = "uw"
     lr = 0.025
@@ -82,12 +86,14 @@ class UncertaintyWeighting(LossWeighting):
 
     def combine(self, mse, vb, t, snr, num_timesteps):
         c = self.interval(t, num_timesteps)
-        counts = torch.bincount(c, minlength=self.num_intervals).to(mse.dtype)
-        sums = torch.zeros(self.num_intervals, dtype=mse.dtype, device=mse.device).index_add(0, c, mse)
+        loss = mse + vb
+        counts = torch.bincount(c, minlength=self.num_intervals).to(loss.dtype)
+        sums = torch.zeros(self.num_intervals, dtype=loss.dtype, device=loss.device).index_add(0, c, loss)
+        # Intervals absent from the batch (batch < K) add nothing: a where, not a boolean index (no host sync).
         present = counts > 0
-        mean_c = sums[present] / counts[present]
-        s = self.log_vars[present]
-        return (0.5 * (torch.exp(-s) * mean_c + s)).sum() + vb.mean()
+        L = sums / counts.clamp(min=1) / self.num_intervals
+        s = self.log_vars.to(loss.dtype)
+        return torch.where(present, 0.5 * (torch.exp(-s) * L + s), torch.zeros_like(L)).sum()
 
     def log_values(self):
         return {f"uw/log_var_{i}": float(v) for i, v in enumerate(self.log_vars.detach().cpu())}
