@@ -185,6 +185,19 @@ def _compare(args) -> int:
     return 0
 
 
+def _checkpoint_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """The checkpoint as a positional path or as --ckpt PATH (DiT's sample.py and users' scripts say --ckpt)."""
+    p.add_argument("ckpt", nargs="?", help=help)
+    p.add_argument("--ckpt", dest="ckpt_flag", metavar="PATH", help="the same, as a flag")
+
+
+def _resolve_checkpoint_argument(args) -> None:
+    given = [c for c in (args.ckpt, args.ckpt_flag) if c]
+    if len(given) != 1:
+        raise ValueError(f"give the checkpoint once, as 'switch-dit {args.command} PATH' or with --ckpt PATH")
+    args.ckpt = given[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switch-dit", description="Switch Diffusion Transformer: train, sample, demo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("sample", help="sample a PNG grid, or an ADM .npz with --num-fid-samples")
-    p.add_argument("ckpt", help="a switch-dit checkpoint (EMA weights used) or a released DiT state dict")
+    _checkpoint_argument(p, "a switch-dit checkpoint (EMA weights used) or a released DiT state dict")
     add_config_arguments(p, only=("model", "image_size", "sampler", "num_sampling_steps", "cfg_scale",
                                   "cfg_channels", "ddim_eta", "global_seed", "device", "vae"))
     p.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples to an .npz")
@@ -248,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("analyze", help="routing maps of a Switch-DiT checkpoint: PNGs + JSON summary")
-    p.add_argument("ckpt")
+    _checkpoint_argument(p, "a Switch-DiT checkpoint")
     p.add_argument("--out", help="output folder (default: RESULTS/analysis)")
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=_analyze)
@@ -276,6 +289,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in reports
     try:
+        if hasattr(args, "ckpt_flag"):
+            _resolve_checkpoint_argument(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors carry the fix; no traceback
         print(f"switch-dit {args.command}: error: {e}", file=sys.stderr)

@@ -53,15 +53,25 @@ def sampling_diffusion(cfg: Config) -> GaussianDiffusion:
                                 learn_sigma=cfg.learn_sigma, diffusion_steps=cfg.diffusion_steps)
 
 
+def check_guidance(model: DiT, cfg_scale: float) -> None:
+    """Guidance needs a null class; a negative scale is never meant."""
+    if cfg_scale < 0:
+        raise ValueError(f"--cfg-scale must be >= 0 (1 = no guidance), got {cfg_scale}")
+    if cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
+        kind = "unconditional (one class)" if model.num_classes == 1 else "trained without label dropout"
+        raise ValueError(f"--cfg-scale {cfg_scale} needs a null class, but this model is {kind}: use --cfg-scale 1")
+
+
 class Guided:
     """A sampler-facing model over the conditional batch only: classifier-free guidance runs the
     conditional and null-class halves in one forward; scale 1 (or no classes) skips the null half."""
 
     def __init__(self, model: DiT, cfg_scale: float, cfg_channels: int | None = None):
+        check_guidance(model, cfg_scale)
         self.model, self.scale, self.channels = model, cfg_scale, cfg_channels
 
     def __call__(self, x, t, y):
-        if self.scale == 1.0 or self.model.y_embedder.dropout_prob == 0:
+        if self.scale == 1.0:
             return self.model(x, t, y)
         null = torch.full_like(y, self.model.num_classes)
         out = self.model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
@@ -96,9 +106,10 @@ def decode(x: torch.Tensor, vae) -> torch.Tensor:
 
 def class_grid(model: DiT, cfg: Config, num_classes: int, per_class: int = 8, seed: int = 0, device=None,
                vae=None) -> np.ndarray:
-    """One row per class (at most 10 rows), per_class samples each, as a uint8 grid (H, W, C)."""
+    """One row per class (at most 10 rows), per_class samples each, as a uint8 grid (H, W, C); an
+    unconditional model (one class) fills per_class rows."""
     device = device or next(model.parameters()).device
-    classes = list(range(min(num_classes, 10)))
+    classes = list(range(min(num_classes, 10))) if num_classes > 1 else [0] * per_class
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     seeds = [seed * 1_000_003 + i for i in range(len(labels))]
     was_training = model.training

@@ -160,6 +160,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     if len(dataset) < cfg.global_batch_size:
         raise ValueError(f"the data set has {len(dataset)} items, fewer than --global-batch-size {cfg.global_batch_size}")
     C, H, W = dataset.shape
+    if dataset.num_classes == 1:  # unconditional: no label dropout, no null class, no guidance (recorded)
+        cfg.class_dropout_prob, cfg.cfg_scale = 0.0, 1.0
     if cfg.data == "latents" and not cfg.vae:
         cfg.vae = dataset.meta["vae"]  # recorded so that sampling can decode
     torch.manual_seed(cfg.global_seed)  # the same initial weights on every process and every run

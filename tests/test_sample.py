@@ -23,9 +23,12 @@ def test_grid_same_seed_same_image(trained, tmp_path):
     assert run_cli(*args, "--out", tmp_path / "a.png") == 0
     assert run_cli(*args, "--out", tmp_path / "b.png") == 0
     assert run_cli(*args, "--out", tmp_path / "c.png", "--global-seed", 1) == 0
-    a, b, c = (np.array(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    # DiT's flag: --ckpt PATH is the same as the positional path
+    assert run_cli("sample", "--ckpt", *args[1:], "--out", tmp_path / "d.png") == 0
+    a, b, c, d = (np.array(Image.open(tmp_path / f"{n}.png")) for n in "abcd")
     assert a.shape == (2 + 10 * 10, 2 + 8 * 10)  # 10 class rows, 8 columns of 8x8 images, 2-px padding
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and np.array_equal(a, d)
+    assert run_cli("sample", "--num-sampling-steps", 2) == 2  # no checkpoint at all: a one-line error
 
 
 def test_npz_format(trained, tmp_path):

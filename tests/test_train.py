@@ -148,3 +148,30 @@ def test_worker_processes_load_the_same_batches(tmp_path):
                        "--num-workers", workers, "--results-dir", out) == 0
         states.append(load_state(out / "checkpoints" / "step_0000003.pt")["model"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_unconditional_folder_trains_without_null_class_and_refuses_guidance(tmp_path, capsys):
+    from PIL import Image
+
+    from switch_dit.sample import load_model_for_sampling
+
+    (tmp_path / "flat").mkdir()
+    for i in range(8):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / "flat" / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["--data", "folder", "--data-path", tmp_path / "flat", "--image-size", "8", "--model", "Switch-DiT-XS/4",
+            "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2", "--tensorboard", "false",
+            "--no-progress", "--results-dir", out]
+    assert run_cli("train", *args) == 0
+    ckpt = out / "checkpoints" / "step_0000002.pt"
+    state = load_state(ckpt)
+    assert state["config"]["class_dropout_prob"] == 0.0 and state["config"]["cfg_scale"] == 1.0
+    assert state["ema"]["y_embedder.embedding_table.weight"].shape[0] == 1  # no null-class row
+    model, cfg, _ = load_model_for_sampling(str(ckpt))
+    assert model.num_classes == 1 and model.y_embedder.dropout_prob == 0
+    assert run_cli("sample", ckpt, "--num-sampling-steps", 2, "--sampler", "ddim", "--per-class", 2,
+                   "--out", tmp_path / "g.png") == 0
+    capsys.readouterr()
+    assert run_cli("sample", ckpt, "--cfg-scale", 4, "--out", tmp_path / "h.png") == 2
+    err = capsys.readouterr().err.strip()
+    assert "unconditional" in err and "--cfg-scale 1" in err and len(err.splitlines()) == 1

@@ -65,6 +65,8 @@ class DiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        # Unconditional data (one class) trains without label dropout and without a null-class row, as DiT.
+        class_dropout_prob = 0.0 if num_classes == 1 else class_dropout_prob
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed (not learned) positions; a buffer so the optimizer never sees it, saved as in DiT checkpoints.
         pos = get_2d_sincos_pos_embed(hidden_size, self.x_embedder.grid_size)

@@ -76,7 +76,8 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+        # No null row (unconditional data, or no dropout): labels are never dropped.
+        if self.dropout_prob > 0 and (train or force_drop_ids is not None):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
 
