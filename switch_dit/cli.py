@@ -158,7 +158,7 @@ def _analyze(args) -> int:
     from .analysis import analyze
     from .sample import load_model_for_sampling
 
-    model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema)
+    model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=config_from_args(args))
     if model.prior is None:
         raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without Switch-DiT routing: task-expert maps "
                          "need a Switch-DiT model")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a PNG grid, or an ADM .npz with --num-fid-samples")
     _checkpoint_argument(p, "a switch-dit checkpoint (EMA weights used) or a released DiT state dict")
-    add_config_arguments(p, only=("model", "image_size", "sampler", "num_sampling_steps", "cfg_scale",
+    add_config_arguments(p, only=("model", "image_size", "top_k", "sampler", "num_sampling_steps", "cfg_scale",
                                   "cfg_channels", "ddim_eta", "global_seed", "device", "vae"))
     p.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples to an .npz")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward and per .npz part")
@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("analyze", help="routing maps of a Switch-DiT checkpoint: PNGs + JSON summary")
-    _checkpoint_argument(p, "a Switch-DiT checkpoint")
+    _checkpoint_argument(p, "a Switch-DiT checkpoint (ours, or the authors' with --model and --image-size)")
+    add_config_arguments(p, only=("model", "image_size", "top_k"))
     p.add_argument("--out", help="output folder (default: RESULTS/analysis)")
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=_analyze)

@@ -17,23 +17,41 @@ from .utils import dist as du
 
 
 def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Config | None = None):
-    """(model in eval mode, Config) from a switch-dit checkpoint, or from a released DiT state dict
-    (DiT-XL-2-256x256.pt), for which cfg_overrides supplies --model and --image-size."""
+    """(model in eval mode, Config, step) from a switch-dit checkpoint, or from another code's state dict
+    (a released DiT-XL-2-256x256.pt, a checkpoint of the authors' Switch-DiT or DTR code), for which
+    cfg_overrides supplies --model, --image-size and --top-k."""
+    from .models.compat import authors_variant, from_authors_state_dict, strip_wrapper_prefixes
+    from .models.dit import parse_model_name
     from .train import build_model
 
     saved = ckpt.load(path)
     if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:
+        missing = [k for k in ("config", "in_channels", "input_size", "num_classes", "ema", "model") if k not in saved]
+        if missing:
+            raise ckpt.CheckpointError(f"{path} is a switch-dit checkpoint without {', '.join(missing)}; "
+                                       "it is damaged: use another checkpoint")
         cfg = config_from_dict(saved["config"])
         model = build_model(cfg, saved["in_channels"], saved["input_size"], saved["num_classes"])
         model.load_state_dict(saved["ema" if use_ema else "model"])
         return model.eval(), cfg, saved.get("step")
-    state = saved.get("ema", saved.get("model", saved)) if isinstance(saved, dict) else None
+    state = saved.get("ema" if use_ema else "model", saved.get("model", saved)) if isinstance(saved, dict) else None
+    if isinstance(state, dict):
+        state = strip_wrapper_prefixes(state)
     if not isinstance(state, dict) or "pos_embed" not in state or "x_embedder.proj.weight" not in state:
         raise ckpt.CheckpointError(f"{path} is neither a switch-dit checkpoint nor a DiT state dict")
     cfg = cfg_overrides or Config(model="DiT-XL/2", image_size=256)
+    variant = authors_variant(state)
+    if variant != "DiT" or parse_model_name(cfg.model)[0] != "DiT":
+        if parse_model_name(cfg.model)[0] != variant:
+            size = cfg.model.split("-")[-1]
+            raise ckpt.CheckpointError(f"{path} holds a {variant} model, not {cfg.model}: pass --model {variant}-{size}")
+        if variant == "Switch-DiT":
+            cfg.num_experts = state["routers.0.experts.w"].shape[0]
+        state = from_authors_state_dict(state)
     w = state["x_embedder.proj.weight"]
     in_channels = w.shape[1]
-    num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    num_classes = 1 if rows == 1 else rows - 1  # one row: unconditional, no null class
     input_size = int(state["pos_embed"].shape[1] ** 0.5) * w.shape[-1]
     model = build_model(cfg, in_channels, input_size, num_classes)
     try:

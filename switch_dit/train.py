@@ -105,8 +105,15 @@ def check_compatible(saved: dict, cfg: Config, path) -> None:
 
 
 def rng_state() -> dict:
+    """Global RNG states as tensors and plain numbers, so that checkpoints load with the weights-only unpickler."""
     import random
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, pystate, pygauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)},
+             "python": {"version": version, "state": torch.tensor(pystate, dtype=torch.int64),
+                        "gauss": pygauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -115,8 +122,14 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     import random
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy, py = state["numpy"], state["python"]
+    if isinstance(npy, dict):
+        np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["gauss"]))
+        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    else:  # checkpoints of earlier versions: numpy's and Python's own tuples
+        np.random.set_state(npy)
+        random.setstate(py)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

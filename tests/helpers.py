@@ -17,7 +17,8 @@ def run_cli(*args) -> int:
 
 
 def load_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    from switch_dit.checkpoint import load
+    return load(path)  # the weights-only loader: our own checkpoints must pass it
 
 
 def free_port() -> int:
