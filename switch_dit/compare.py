@@ -112,6 +112,71 @@ def _aggregate(results: dict) -> dict:
             for v, steps in agg.items()}
 
 
+def _loss_curves(results: dict, out: Path, key: str = "train/mse") -> dict:
+    """variant -> (steps, per-seed matrix of interval-mean training MSE) from each run's metrics.jsonl."""
+    from .integrations import read_metrics
+
+    curves: dict = {}
+    for rec in results["runs"].values():
+        variant = rec["model"].rsplit("-", 1)[0]
+        path = out / "runs" / f"{variant}_seed{rec['seed']}" / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        pts = {m["step"]: m[key] for m in read_metrics(str(path)) if key in m}
+        curves.setdefault(variant, {})[rec["seed"]] = pts
+    result = {}
+    for variant, per_seed in curves.items():
+        steps = sorted(set.intersection(*(set(p) for p in per_seed.values())))
+        if steps:
+            result[variant] = (np.array(steps), np.array([[per_seed[s][t] for t in steps] for s in sorted(per_seed)]))
+    return result
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    n = np.minimum(np.arange(1, len(y) + 1), window)
+    return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
+
+
+def _paired(results: dict, a: str, b: str, step: int) -> tuple[list[float], list[float]]:
+    """FIDs of variants a and b at a step, for the seeds both have (the runs share seed and data order)."""
+    fa, fb = {}, {}
+    for rec in results["runs"].values():
+        v = rec["model"].rsplit("-", 1)[0]
+        ev = rec["evals"].get(str(step))
+        if ev is not None and v in (a, b):
+            (fa if v == a else fb)[rec["seed"]] = ev["fid"]
+    seeds = sorted(set(fa) & set(fb))
+    return [fa[s] for s in seeds], [fb[s] for s in seeds]
+
+
+def conclusions(results: dict, agg: dict) -> list[str]:
+    """One line per checkpoint: is Switch-DiT's FID lower than DiT's and DTR's, by how many seed standard
+    deviations (the gap over the pooled std of the two variants across seeds), in how many paired seeds;
+    and whether the paper's full ordering Switch-DiT < DTR < DiT holds."""
+    if not {"DiT", "DTR", "Switch-DiT"} <= set(agg):
+        return []
+    lines = []
+    for step in sorted(set(agg["Switch-DiT"]) & set(agg["DiT"]) & set(agg["DTR"])):
+        parts = []
+        for other in ("DiT", "DTR"):
+            s_fid, o_fid = _paired(results, "Switch-DiT", other, step)
+            gap = float(np.mean(o_fid) - np.mean(s_fid))
+            pooled = float(np.sqrt((np.var(s_fid) + np.var(o_fid)) / 2))
+            wins = sum(x < y for x, y in zip(s_fid, o_fid))
+            sds = f"{abs(gap) / pooled:.1f} seed std" if pooled > 0 else "no seed spread"
+            verdict = "lower" if gap > 0 else "higher"
+            parts.append(f"below {other}: {'**yes**' if gap > 0 else '**no**'} ({verdict} by {abs(gap):.2f} FID = {sds}; "
+                         f"lower in {wins}/{len(s_fid)} paired seeds)")
+        dtr, dit = agg["DTR"][step]["fid"][0], agg["DiT"][step]["fid"][0]
+        order = ("the paper's order Switch-DiT < DTR < DiT holds" if agg["Switch-DiT"][step]["fid"][0] < dtr < dit
+                 else "the paper's order Switch-DiT < DTR < DiT does **not** hold" +
+                 (" (DTR is worse than DiT)" if dtr >= dit else ""))
+        lines.append(f"- step {step}: Switch-DiT {parts[0]}; {parts[1]}; {order}.")
+    return lines
+
+
 def write_report(results: dict, out: Path) -> Path:
     import matplotlib
 
@@ -154,6 +219,42 @@ def write_report(results: dict, out: Path) -> Path:
     fig.savefig(out / "fid_vs_gflops.png", dpi=120)
     plt.close(fig)
 
+    curves = _loss_curves(results, out)
+    loss_lines = []
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for v, (steps, ys) in curves.items():
+            mean = _smooth(ys.mean(0), 10)
+            ax.plot(steps, mean, label=v)
+            if len(ys) > 1:
+                sd = _smooth(ys.std(0), 10)
+                ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("training MSE (eps), smoothed")
+        ax.set_yscale("log")
+        ax.set_title("training loss vs steps, mean over seeds")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss_vs_steps.png", dpi=120)
+        plt.close(fig)
+        # Mean MSE over the last quarter of training, per seed; paired differences against Switch-DiT.
+        loss_lines = ["", "Training MSE (eps term; interval means logged every "
+                      f"{int(np.diff(next(iter(curves.values()))[0][:2])[0]) if len(next(iter(curves.values()))[0]) > 1 else 1}"
+                      " steps) averaged over the last quarter of training, mean ± std over seeds, and its paired "
+                      "difference to Switch-DiT (same seed, same data order and noise):", "",
+                      "| model | final-quarter MSE | minus Switch-DiT's (paired) |", "|---|---|---|"]
+        tail = {}
+        for v, (steps, ys) in curves.items():
+            sel = steps > steps[-1] * 0.75
+            tail[v] = ys[:, sel].mean(1)
+        for v, vals in tail.items():
+            diff = ""
+            if "Switch-DiT" in tail and v != "Switch-DiT" and len(tail["Switch-DiT"]) == len(vals):
+                d = vals - tail["Switch-DiT"]
+                diff = f"{d.mean():+.5f} ± {d.std():.5f} ({int((d > 0).sum())}/{len(d)} seeds higher)"
+            loss_lines.append(f"| {v} | {vals.mean():.5f} ± {vals.std():.5f} | {diff} |")
+    verdicts = conclusions(results, agg)
+
     lines = ["# DiT vs DTR vs Switch-DiT on Fashion-MNIST", "",
              f"Size {cfg.get('size')}/{cfg.get('patch')}, image size {cfg.get('image_size')}, "
              f"global batch {cfg.get('global_batch_size')}, lr {cfg.get('lr')}, {cfg.get('max_steps')} steps, "
@@ -170,7 +271,16 @@ def write_report(results: dict, out: Path) -> Path:
             lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['gflops']:.3f} | {s} | {fmt('fid')} | "
                          f"{fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
                          f"{np.mean(info[v]['time']):.0f} |")
-    lines += ["", "![FID vs steps](fid_vs_steps.png) ![FID vs GFLOPs](fid_vs_gflops.png)", ""]
+    lines += loss_lines
+    if verdicts:
+        lines += ["", "## Conclusion, checkpoint by checkpoint", "",
+                  "Is Switch-DiT's FID lower? The gap is given in seed standard deviations (the gap over the pooled "
+                  "std of the two variants across seeds); 'paired seeds' compares runs with the same seed, data "
+                  "order and noise.", "", *verdicts]
+    pics = "![FID vs steps](fid_vs_steps.png) ![FID vs GFLOPs](fid_vs_gflops.png)"
+    if curves:
+        pics += " ![training loss vs steps](loss_vs_steps.png)"
+    lines += ["", pics, ""]
     for img in sorted(out.glob("*_grid.png")) + sorted(out.glob("*routing*.png")):
         lines.append(f"![{img.stem}]({img.name})")
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -19,7 +19,10 @@ def test_comparison_end_to_end_tiny_budget(tmp_path):
     report = (out / "report.md").read_text()
     assert "| Switch-DiT |" in report and "±" in report
     assert "Command: `switch-dit compare --out" in report
-    for f in ("fid_vs_steps.png", "fid_vs_gflops.png", "Switch-DiT_routing_map.png", "DiT_grid.png"):
+    assert "## Conclusion, checkpoint by checkpoint" in report and "- step 2: Switch-DiT below DiT: **" in report
+    assert "paired seeds" in report and "| Switch-DiT | " in report.split("final-quarter MSE")[1]
+    for f in ("fid_vs_steps.png", "fid_vs_gflops.png", "loss_vs_steps.png", "Switch-DiT_routing_map.png",
+              "DiT_grid.png"):
         assert (out / f).is_file()
     # Rerunning reuses the finished runs and evaluations.
     mtime = (out / "runs" / "DiT_seed0" / "checkpoints" / "step_0000002.pt").stat().st_mtime_ns
