@@ -23,22 +23,134 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, file-size limit, read-only folder); the previous ones are intact."""
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """Save so that a crash leaves either the old file or the complete new one, never a partial file."""
+    """Save so that a crash leaves either the old file or the complete new one, never a partial file.
+    A failed write removes its temp file and raises a one-line CheckpointWriteError naming folder, cause and fix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer reports write failures so
+        written = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
+        raise CheckpointWriteError(_write_failure(path, e, written)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def _write_failure(path: Path, e: Exception, written: int) -> str:
+    import errno
+    import resource
+    import shutil
+
+    code = getattr(e, "errno", None)
+    text = str(e).lower()
+    # torch's zip writer hides the errno ("unexpected pos ..."): look at the limits ourselves
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or "no space" in text or (code is None and free is not None and free < (1 << 20)):
+        cause, fix = "the disk is full", "free space (or lower --keep-last) and resume with --resume auto"
+    elif code == errno.EFBIG or "file too large" in text or (
+            code is None and fsize != resource.RLIM_INFINITY and written >= fsize - (1 << 16)):
+        cause, fix = "the file-size limit (ulimit -f) was reached", "raise the limit and resume with --resume auto"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission" in text or "read-only" in text:
+        cause, fix = "the folder is not writable", "make it writable or use another --results-dir, then --resume auto"
+    else:
+        cause, fix = f"{type(e).__name__}: {' '.join(str(e).split())[:100]}", "fix the folder and resume with --resume auto"
+    return (f"could not write checkpoint {path.name} in {path.parent}: {cause}; {fix} "
+            "(the checkpoints already there are intact)")
+
+
+def remove_stale_temp_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Temp files of saves interrupted by a kill (.step_*.pt.*.tmp); call only while holding the run lock."""
+    d = Path(ckpt_dir)
+    stale = [p for p in d.glob(".step_*.pt.*.tmp")] if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class RunLock:
+    """One training run per results folder: RESULTS/.lock holds the pid and host of the run that owns it.
+
+    A second run stops with a one-line error naming the first; a lock whose process is gone (a killed run, same
+    host) is taken over with a warning. On another host the lock cannot be checked: the error says how to
+    remove it."""
+
+    def __init__(self, results_dir: str | os.PathLike):
+        self.path = Path(results_dir) / ".lock"
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        import json
+        import socket
+        import time
+        import warnings
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    other = {}
+                pid, host = other.get("pid"), other.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                    warnings.warn(f"{self.path}: taking over the lock of run pid {pid} (that process is gone)",
+                                  stacklevel=2)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if not other:  # an empty or unreadable lock: a run killed while writing it
+                    self.path.unlink(missing_ok=True)
+                    continue
+                where = f"pid {pid} on {host}" + (f", started {other['started']}" if other.get("started") else "")
+                raise ValueError(f"results dir {self.path.parent} is in use by another training run ({where}); "
+                                 f"wait for it or stop it, or choose another --results-dir"
+                                 + ("" if host == me["host"] else f" (if no run is alive there, delete {self.path})"))
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            return self
+        raise ValueError(f"could not take the lock {self.path}; delete it if no run uses {self.path.parent}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -53,9 +165,29 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> None:
+def prune(ckpt_dir: str | os.PathLike, keep_last: int, keep: set[int] | None = None) -> None:
+    """Keep the newest keep_last checkpoints, and the steps in ``keep`` (the last one known to train well)."""
     for p in list_checkpoints(ckpt_dir)[:-keep_last]:
+        if keep and int(_NAME.match(p.name).group(1)) in keep:
+            continue
         p.unlink(missing_ok=True)
+
+
+def last_good_step(health: dict[int, float], factor: float = 10.0) -> int | None:
+    """The newest checkpoint step whose weights trained well: ``health`` maps a checkpoint step to the loss
+    measured with its weights (the next step's loss); good = finite and at most ``factor`` times the lowest
+    such loss of the checkpoints up to it, so a loss that starts to explode rules a checkpoint out."""
+    import math
+
+    best, good = math.inf, None
+    for step in sorted(health):
+        loss = health[step]
+        if not math.isfinite(loss):
+            continue
+        best = min(best, loss)
+        if loss <= factor * best:
+            good = step
+    return good
 
 
 class UnloadedObject:

@@ -24,6 +24,11 @@ def _sample(args) -> int:
 
     from .sample import class_grid, load_model_for_sampling, sample_npz, write_grid
 
+    for flag, value, low in (("--num-fid-samples", args.num_fid_samples, 0), ("--batch-size", args.batch_size, 1),
+                             ("--per-class", args.per_class, 1), ("--scale", args.scale, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}" +
+                             (" (0 writes a grid instead of an .npz)" if flag == "--num-fid-samples" else ""))
     overrides = config_from_args(args)
     model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
     # Sampling options given on the command line win over the ones stored in the checkpoint.
@@ -119,6 +124,8 @@ def _evaluate(args) -> int:
     from .utils.dist import resolve_device
 
     device = resolve_device(args.device)
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise ValueError(f"--num-samples must be >= 2 and --batch-size >= 1, got {args.num_samples} and {args.batch_size}")
     sources = [bool(args.npz), bool(args.images), bool(args.ckpt)]
     if sum(sources) != 1:
         raise ValueError("give exactly one of --npz, --images or --ckpt")
@@ -198,6 +205,13 @@ def _resolve_checkpoint_argument(args) -> None:
     if len(given) != 1:
         raise ValueError(f"give the checkpoint once, as 'switch-dit {args.command} PATH' or with --ckpt PATH")
     args.ckpt = given[0]
+
+
+def _error(args, e: Exception) -> None:
+    """One line on stderr; under torchrun only rank 0 says it (every rank meets the same bad option)."""
+    import os
+    if os.environ.get("RANK", "0") == "0":
+        print(f"switch-dit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,13 +311,13 @@ def main(argv=None) -> int:
             _resolve_checkpoint_argument(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors carry the fix; no traceback
-        print(f"switch-dit {args.command}: error: {e}", file=sys.stderr)
+        _error(args, e)
         return 2
     except RuntimeError as e:
         from .train import TrainingDiverged
         if not isinstance(e, TrainingDiverged):
             raise
-        print(f"switch-dit {args.command}: error: {e}", file=sys.stderr)
+        _error(args, e)
         return 3
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)

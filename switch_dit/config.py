@@ -70,15 +70,34 @@ class Config:
         from .models.dit import parse_model_name
 
         parse_model_name(self.model)
+        from .diffusion.weighting import WEIGHTINGS
+
+        for f in fields(self):  # types first, so that the comparisons below cannot raise TypeError
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         checks = [
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
             (self.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim"),
-            (self.global_batch_size >= 1, "--global-batch-size must be >= 1"),
-            (self.max_steps >= 0, "--max-steps must be >= 0"),
-            (self.lr > 0, "--lr must be > 0"),
-            (0.0 <= self.ema_decay < 1.0, "--ema-decay must be in [0, 1)"),
-            (self.keep_last >= 1, "--keep-last must be >= 1"),
+            (self.data in ("fashion-mnist", "digits", "folder", "latents"),
+             f"--data must be fashion-mnist, digits, folder or latents, got {self.data!r}"),
+            (self.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {self.noise_schedule!r}"),
+            (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {sorted(WEIGHTINGS)}, got {self.loss_weighting!r}"),
+            (self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
+            (self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
+            (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = off), got {self.max_grad_norm}"),
+            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.keep_last >= 1, f"--keep-last must be >= 1, got {self.keep_last}"),
             (self.ckpt_every >= 1 and self.log_every >= 1, "--ckpt-every and --log-every must be >= 1"),
+            (self.sample_every >= 0, f"--sample-every must be >= 0 (0 = off), got {self.sample_every}"),
+            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
+            (self.diffusion_steps >= 2, f"--diffusion-steps must be >= 2, got {self.diffusion_steps}"),
+            (self.num_sampling_steps >= 1, f"--num-sampling-steps must be >= 1, got {self.num_sampling_steps}"),
+            (self.cfg_scale >= 0, f"--cfg-scale must be >= 0 (1 = no guidance), got {self.cfg_scale}"),
+            (self.ddim_eta >= 0, f"--ddim-eta must be >= 0, got {self.ddim_eta}"),
+            (0.0 <= self.class_dropout_prob < 1.0, f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}"),
         ]
         if self.model.startswith("Switch-DiT"):
             checks += [(self.num_experts >= 1, f"--num-experts must be >= 1, got {self.num_experts}"),
@@ -106,6 +125,40 @@ PRESETS: dict[str, dict] = {
 
 ARCH_FIELDS = ("model", "num_experts", "top_k", "mask_form", "dtr_alpha", "dtr_beta", "class_dropout_prob",
                "learn_sigma", "diffusion_steps")
+
+
+def _coerce(f, value):
+    """A YAML or dict value as the field's type: numbers written as strings ('1e-3', which YAML reads as a
+    string) are accepted, anything else of the wrong type is a one-line error naming the option."""
+    typ = _base_type(f)
+    if value is None and _is_optional(f):
+        return None
+    name = f.name.replace("_", "-")
+    want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[typ]
+    bad = ValueError(f"option {name} must be {want}, got {value!r}")
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                raise bad from None
+        raise bad
+    if typ == "str":
+        if isinstance(value, str):
+            return value
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        if typ == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise bad
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        return float(value)
+    except ValueError:
+        raise bad from None
 
 
 def _parse_bool(v: str) -> bool:
@@ -159,6 +212,11 @@ def load_yaml(path: str) -> dict:
             data = yaml.safe_load(fh) or {}
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}; write one 'option: value' per line") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
     return {k.replace("-", "_"): v for k, v in data.items()}

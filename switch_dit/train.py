@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import dataclasses
 import time
 from contextlib import nullcontext
@@ -153,17 +154,37 @@ def train(cfg: Config, progress: bool = True) -> dict:
     """Train according to cfg; returns a summary (final step, last losses, paths)."""
     cfg.validate()
     info = du.setup(cfg.device)
+    lock = ckpt.RunLock(cfg.results_dir)
     try:
+        if info.is_main:
+            _check_results_dir(Path(cfg.results_dir))
+            lock.acquire()  # one run per results folder
+            ckpt.remove_stale_temp_files(Path(cfg.results_dir) / "checkpoints")  # left by a save killed midway
         return _train(cfg, info, progress)
     finally:
+        lock.release()
         du.teardown()
+
+
+def divergence_message(loss: float, step: int, cfg: Config, ckpt_dir: Path, health: dict[int, float]) -> str:
+    """Advice that works: the newest checkpoint whose weights still trained well, and the exact flags."""
+    files = {int(p.stem.split("_")[1]): p for p in ckpt.list_checkpoints(ckpt_dir)}
+    good = ckpt.last_good_step({s: v for s, v in health.items() if s in files})
+    head = f"loss became {loss} at step {step}; stopped before the update."
+    lr = min(cfg.lr / 10, 1e-4)  # a tenth, and never above the paper's 1e-4
+    if good is not None:
+        return (f"{head} The newest checkpoint that trained well is {files[good]} (loss {health[good]:.4g} with its "
+                f"weights); resume from it with a smaller learning rate: --resume {files[good]} --lr {lr:g} "
+                "(or add --max-grad-norm 1)")
+    newest = f" (the loss was not finite with the weights of the newest, {files[max(files)]}: check the data for " \
+             "NaN/inf values)" if files else ""
+    return (f"{head} No checkpoint of this run is known to train well{newest}; start again in a new --results-dir "
+            f"with a smaller learning rate, e.g. --lr {lr:g}")
 
 
 def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     device = info.device
     results = Path(cfg.results_dir)
-    if info.is_main:
-        _check_results_dir(results)
     du.barrier()
     if cfg.global_batch_size % info.world_size:
         raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {info.world_size} processes")
@@ -192,13 +213,22 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
     start_step = 0
+    health: dict[int, float] = {}  # checkpoint step -> the loss measured with its weights (the next step's)
     resume_path = ckpt.resolve_resume(cfg.resume, results)
     if resume_path is not None:
         saved = ckpt.load(resume_path)
         check_compatible(saved, cfg, resume_path)
+        missing = [k for k in ("model", "ema", "opt", "weighting", "scaler", "rng", "step") if k not in saved]
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint {resume_path} lacks {', '.join(missing)}: it is damaged; "
+                                       "resume from an earlier checkpoint (--resume PATH)")
+        health = {int(k): float(v) for k, v in saved.get("health", {}).items()}
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
+        # The learning rates and weight decay are this run's options, not the checkpoint's (--resume ... --lr X).
+        for group, fresh in zip(opt.param_groups, groups):
+            group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
         weighting.load_state_dict(saved["weighting"])
         scaler.load_state_dict(saved["scaler"])
         if model.prior is not None:
@@ -239,6 +269,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     interval_sums = torch.zeros(4, device=device)
     last_saved = resume_path
     step = start_step
+    probe = start_step if resume_path is not None else None  # the checkpoint whose weights this step's loss measures
     try:
         while step < cfg.max_steps:
             x, y = next(loader)
@@ -260,11 +291,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 terms = diffusion.training_losses(train_model, x, t, dict(y=y, force_drop_ids=drop), noise=noise,
                                                   weighting=weighting)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step}; stopped before the update. The last good checkpoint "
-                    f"({last_saved or 'none yet'}) is intact: lower --lr, set --max-grad-norm, or use "
-                    f"--mixed-precision bf16/no, then --resume auto")
+            loss_value = loss.item()  # the step's one host sync: the divergence check and checkpoint health
+            if probe is not None:
+                health[probe], probe = loss_value, None
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(divergence_message(loss_value, step, cfg, results / "checkpoints", health))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.max_grad_norm > 0:
@@ -299,7 +330,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 _log_samples(ema, diffusion, cfg, dataset, logger, step, device)
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 if info.is_main:
-                    last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler)
+                    last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health)
+                probe = step
                 du.barrier()
     finally:
         if bar is not None:
@@ -309,7 +341,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             "results_dir": str(results), "model": model, "ema": ema, "diffusion": diffusion, "dataset": dataset}
 
 
-def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler) -> Path:
+def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler,
+                        health: dict[int, float] | None = None) -> Path:
     state = {
         "format": ckpt.FORMAT,
         "step": step,
@@ -325,9 +358,11 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
         "in_channels": model.in_channels,
         "input_size": model.x_embedder.grid_size * model.patch_size,
         "num_classes": model.num_classes,
+        "health": {int(k): float(v) for k, v in (health or {}).items()},
     }
     path = ckpt.atomic_save(state, ckpt.checkpoint_path(results / "checkpoints", step))
-    ckpt.prune(results / "checkpoints", cfg.keep_last)
+    good = ckpt.last_good_step(health or {})
+    ckpt.prune(results / "checkpoints", cfg.keep_last, keep={good} if good is not None else None)
     return path
 
 
