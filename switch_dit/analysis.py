@@ -36,6 +36,90 @@ def routing_map_image(model: DiT, col_width: int = 8, gap: int = 16) -> np.ndarr
     return (img * 255).round().astype(np.uint8)
 
 
+def matched_prior_table(model: DiT, pattern: np.ndarray) -> np.ndarray:
+    """The prior table with its columns matched to the learned slots (what the prior loss pulls each slot
+    towards); ties broken by a fixed generator, so the model's own tie-breaking state is left alone."""
+    from .models.prior import hamming_cost, match_columns
+
+    table = model.prior.table.cpu()
+    cost = hamming_cost(torch.from_numpy(pattern).float(), table)
+    perm = match_columns(cost.numpy().astype(np.float64), torch.Generator().manual_seed(0))
+    return table[:, torch.from_numpy(perm)].numpy()
+
+
+def routing_figure(model: DiT, title: str = "Task-expert map"):
+    """A labelled matplotlib figure as the paper's Fig. 5: rows are timesteps (0 = least noise), columns the
+    expert slots grouped by block; the learned map beside the prior matched to it; a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    learned = task_expert_map(model)
+    prior = matched_prior_table(model, learned)
+    T, NM = learned.shape
+    M = model.switch_routers[0].num_experts
+    N = NM // M
+    cmap = ListedColormap(["#f4f4f4", "#1f4e9c"])
+    fig, axes = plt.subplots(1, 2, figsize=(min(16, 3 + 0.16 * NM * 2), 5), sharey=True)
+    for ax, m, name in zip(axes, (learned, prior), ("learned: experts chosen by the gates",
+                                                    "diffusion prior, matched to the learned slots")):
+        ax.imshow(m, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
+                  extent=(-0.5, NM - 0.5, T - 0.5, -0.5))
+        for b in range(1, N):
+            ax.axvline(b * M - 0.5, color="#d62728", lw=0.7)
+        every = max(1, N // 12)
+        ax.set_xticks([b * M + (M - 1) / 2 for b in range(0, N, every)])
+        ax.set_xticklabels([str(b + 1) for b in range(0, N, every)])
+        ax.set_xlabel(f"block (1 = first), {M} expert slots each")
+        ax.set_title(name, fontsize=10)
+    axes[0].set_ylabel("timestep t (0 = least noise, top)")
+    fig.legend(handles=[Patch(color="#1f4e9c", label="expert selected (top-k)"),
+                        Patch(facecolor="#f4f4f4", edgecolor="#999999", label="not selected"),
+                        Patch(color="#d62728", label="block boundary")],
+               loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(f"{title}: {N} blocks x {M} experts, top-{model.switch_routers[0].top_k}")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    return fig
+
+
+def affinity_figure(affinity: np.ndarray, title: str):
+    """Task-task affinity heat map with timestep axes and a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T = affinity.shape[0]
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(affinity, cmap="viridis", vmin=0, vmax=1, extent=(-0.5, T - 0.5, T - 0.5, -0.5))
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("timestep t")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="shared experts (min-max normalised)")
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """uint8 (H, W, 3) rendering of a matplotlib figure (for TensorBoard), closing it."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
+
+
+def save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def task_affinity(pattern: np.ndarray) -> np.ndarray:
     """S = W W^T (T x T), min-max normalised to [0, 1]: how many experts two tasks share."""
     s = pattern.astype(np.float64) @ pattern.astype(np.float64).T
@@ -74,7 +158,8 @@ def routing_summary(pattern: np.ndarray, num_experts: int) -> dict:
 
 
 def analyze(model: DiT, out_dir) -> dict:
-    """Write task_expert_map.png, task_affinity.png (+ the prior's) and routing.json; return the summary."""
+    """Write task_expert_map.png (labelled; _raw: one pixel row per timestep), task_affinity.png (+ the
+    prior's) and routing.json; return the summary."""
     import json
     from pathlib import Path
 
@@ -84,11 +169,13 @@ def analyze(model: DiT, out_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pattern = task_expert_map(model)
     M = model.switch_routers[0].num_experts
-    save_png(routing_map_image(model), out / "task_expert_map.png")
-    step = max(1, pattern.shape[0] // 500)  # a 1000 x 1000 map is down-sampled to at most 500 px
-    save_png(colormap(task_affinity(pattern)[::step, ::step]), out / "task_affinity.png")
+    save_figure(routing_figure(model), out / "task_expert_map.png")
+    save_png(routing_map_image(model), out / "task_expert_map_raw.png")  # one pixel row per timestep
+    save_figure(affinity_figure(task_affinity(pattern), "task-task affinity of the learned routing"),
+                out / "task_affinity.png")
     prior = model.prior.table.cpu().numpy()
-    save_png(colormap(task_affinity(prior)[::step, ::step]), out / "prior_affinity.png")
+    save_figure(affinity_figure(task_affinity(prior), "task-task affinity of the diffusion prior"),
+                out / "prior_affinity.png")
     summary = routing_summary(pattern, M)
     summary["files"] = {k: str(out / f"{k}.png") for k in ("task_expert_map", "task_affinity", "prior_affinity")}
     (out / "routing.json").write_text(json.dumps(summary, indent=1))

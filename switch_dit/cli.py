@@ -77,8 +77,7 @@ def _demo(args) -> int:
 
     import torch
 
-    from .analysis import routing_map_image
-    from .images import save_png
+    from .analysis import routing_figure, save_figure
     from .sample import class_grid, write_grid
     from .train import train
 
@@ -97,8 +96,8 @@ def _demo(args) -> int:
     lines = [f"[switch-dit] demo finished in {time.time() - t0:.0f} s",
              f"  sample grid (one row per class: {', '.join(getattr(out['dataset'], 'class_names', []))}): {grid_path}"]
     if out["ema"].prior is not None:
-        save_png(routing_map_image(out["ema"]), results / "routing_map.png")
-        lines.append(f"  routing map (learned task-expert map | prior, rows t = 0..999): {results / 'routing_map.png'}")
+        save_figure(routing_figure(out["ema"]), results / "routing_map.png")
+        lines.append(f"  routing map (learned task-expert map | matched prior, rows t = 0..999): {results / 'routing_map.png'}")
     lines.append(f"  checkpoint: {out['checkpoint']}")
     if cfg.tensorboard:
         lines.append(f"  TensorBoard log: tensorboard --logdir {results / 'tb'}")

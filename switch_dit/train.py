@@ -375,13 +375,13 @@ def _mean_over_ranks(v: torch.Tensor) -> torch.Tensor:
 
 
 def _log_samples(ema: DiT, diffusion, cfg: Config, dataset, logger: RunLogger, step: int, device) -> None:
-    from .analysis import routing_map_image
+    from .analysis import figure_to_array, routing_figure
     from .sample import class_grid
 
     grid = class_grid(ema, cfg, dataset.num_classes, per_class=8, seed=cfg.global_seed, device=device)
     logger.image("samples/grid", grid, step)
     if ema.prior is not None:
-        logger.image("routing/task_expert_map", routing_map_image(ema), step)
+        logger.image("routing/task_expert_map", figure_to_array(routing_figure(ema, f"step {step}")), step)
 
 
 def _to_yaml(d: dict) -> str:

@@ -35,7 +35,8 @@ def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli("train", *TINY, "--max-steps", 3, "--ckpt-every", 3, "--results-dir", out) == 0
     assert run_cli("analyze", out / "checkpoints" / "step_0000003.pt", "--out", tmp_path / "an") == 0
-    for f in ("task_expert_map.png", "task_affinity.png", "prior_affinity.png", "routing.json"):
+    for f in ("task_expert_map.png", "task_expert_map_raw.png", "task_affinity.png", "prior_affinity.png",
+              "routing.json"):
         assert (tmp_path / "an" / f).is_file()
     summary = json.loads((tmp_path / "an" / "routing.json").read_text())
     assert summary["num_blocks"] == 6 and summary["num_experts"] == 3 and len(summary["blocks"]) == 6
@@ -50,3 +51,22 @@ def test_analyze_function_writes_files(tmp_path):
     model = create_model("Switch-DiT-XS/2", input_size=8, in_channels=1, num_classes=10)
     summary = analyze(model, tmp_path)
     assert summary["num_timesteps"] == 1000 and (tmp_path / "task_affinity.png").is_file()
+
+
+def test_routing_figure_is_labelled_and_its_prior_is_matched():
+    from switch_dit.analysis import matched_prior_table, routing_figure
+
+    torch.manual_seed(0)
+    model = create_model("Switch-DiT-XS/2", input_size=8, in_channels=1, num_classes=10)
+    fig = routing_figure(model)
+    left, right = fig.axes[:2]
+    assert "timestep" in left.get_ylabel() and "block" in left.get_xlabel()
+    assert "learned" in left.get_title() and "prior" in right.get_title()
+    assert [t.get_text() for t in left.get_xticklabels()] == [str(b) for b in range(1, 7)]
+    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {"expert selected (top-k)", "not selected"}
+    # the matched prior is a column permutation of the table that minimises the Hamming cost
+    pattern = task_expert_map(model)
+    matched = matched_prior_table(model, pattern)
+    table = model.prior.table.numpy()
+    assert sorted(map(tuple, matched.T)) == sorted(map(tuple, table.T))
+    assert np.abs(matched - pattern).sum() <= np.abs(table - pattern).sum()
