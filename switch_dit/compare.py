@@ -68,11 +68,13 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
             rec["gflops"] = forward_gflops(name, cfg.image_size, 1, 10, top_k=cfg.top_k, num_experts=cfg.num_experts)
             for ckpt in sorted((run_dir / "checkpoints").glob("step_*.pt")):
                 step = str(int(ckpt.stem.split("_")[1]))
+                if int(step) % eval_every and int(step) != cfg.max_steps:
+                    continue  # a checkpoint off the evaluation grid (e.g. of an earlier, finer setting)
                 if step not in rec["evals"]:
                     rec["evals"][step] = _evaluate_checkpoint(ckpt, extractor, ref_feats, num_samples, cfg_scale, 100)
                     results_path.write_text(json.dumps(results, indent=1))
             results_path.write_text(json.dumps(results, indent=1))
-            if seed == seeds[0]:
+            if seed == seeds[0] and not (out / f"{variant}_grid.png").exists():
                 _pictures(run_dir, variant, out, cfg)
     results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
                          "cfg_scale": cfg_scale, "eval_every": eval_every}
