@@ -11,6 +11,7 @@ from . import checkpoint as ckpt
 from .config import Config, config_from_dict
 from .diffusion import create_diffusion
 from .diffusion.gaussian import GaussianDiffusion
+from .factory import build_model
 from .images import make_grid, save_png, to_uint8
 from .models.dit import DiT
 from .utils import dist as du
@@ -22,7 +23,6 @@ def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Conf
     cfg_overrides supplies --model, --image-size and --top-k."""
     from .models.compat import authors_variant, from_authors_state_dict, strip_wrapper_prefixes
     from .models.dit import parse_model_name
-    from .train import build_model
 
     saved = ckpt.load(path)
     if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:

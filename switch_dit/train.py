@@ -21,9 +21,9 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import ARCH_FIELDS, Config
 from .data import build_dataset
-from .diffusion import create_diffusion, create_weighting
+from .diffusion import create_diffusion
+from .factory import build_model, build_weighting
 from .integrations import RunLogger
-from .models import create_model
 from .models.dit import DiT
 from .utils import dist as du
 
@@ -47,24 +47,6 @@ def global_batch_indices(num_items: int, global_batch: int, seed: int, step: int
     """Indices of the global batch of a step: epoch e is a permutation seeded by (seed, e), without replacement."""
     epoch, i = divmod(step, num_items // global_batch)
     return epoch_permutation(num_items, seed, epoch)[i * global_batch: (i + 1) * global_batch].clone()
-
-
-def model_options(cfg: Config) -> dict:
-    return dict(class_dropout_prob=cfg.class_dropout_prob, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                lambda_dp=cfg.lambda_dp, prior_alpha=cfg.prior_alpha, prior_seed=cfg.global_seed,
-                mask_form=cfg.mask_form, dtr_alpha=cfg.dtr_alpha, dtr_beta=cfg.dtr_beta,
-                num_timesteps=cfg.diffusion_steps, grad_checkpointing=cfg.grad_checkpointing)
-
-
-def build_model(cfg: Config, in_channels: int, input_size: int, num_classes: int) -> DiT:
-    return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                        learn_sigma=cfg.learn_sigma, **model_options(cfg))
-
-
-def build_weighting(cfg: Config):
-    kwargs = {"min_snr": dict(gamma=cfg.min_snr_gamma), "p2": dict(k=cfg.p2_k, gamma=cfg.p2_gamma),
-              "uw": dict(num_intervals=cfg.uw_intervals)}.get(cfg.loss_weighting, {})
-    return create_weighting(cfg.loss_weighting, **kwargs)
 
 
 @torch.no_grad()

@@ -6,7 +6,26 @@ seeds derived from the step, so that data order and augmentation survive resume 
 number of processes.
 """
 from .datasets import (FASHION_MNIST_DEFAULT, DataError, DigitsDataset, FashionMNIST, ImageFolderDataset,
-                       build_dataset, center_crop_arr)
+                       center_crop_arr)
+from .latents import LatentDataset
+
+
+def build_dataset(name: str, data_path: str | None, image_size: int, skip_corrupt: bool = False):
+    """'fashion-mnist' (default folder when data_path is None), 'digits', 'folder' or 'latents'."""
+    if name == "fashion-mnist":
+        return FashionMNIST(data_path or FASHION_MNIST_DEFAULT, "train", image_size)
+    if name == "digits":
+        return DigitsDataset(image_size)
+    if name == "folder":
+        if not data_path:
+            raise DataError("--data folder needs --data-path pointing at an image folder")
+        return ImageFolderDataset(data_path, image_size, skip_corrupt)
+    if name == "latents":
+        if not data_path:
+            raise DataError("--data latents needs --data-path pointing at a folder made by 'switch-dit extract-latents'")
+        return LatentDataset(data_path)
+    raise DataError(f"unknown data set {name!r}: choose fashion-mnist, digits, folder or latents")
+
 
 __all__ = ["FASHION_MNIST_DEFAULT", "DataError", "DigitsDataset", "FashionMNIST", "ImageFolderDataset",
-           "build_dataset", "center_crop_arr"]
+           "LatentDataset", "build_dataset", "center_crop_arr"]

@@ -182,21 +182,3 @@ class ImageFolderDataset(Dataset):
 
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def build_dataset(name: str, data_path: str | None, image_size: int, skip_corrupt: bool = False):
-    """'fashion-mnist' (default folder when data_path is None), 'digits', 'folder' or 'latents'."""
-    if name == "fashion-mnist":
-        return FashionMNIST(data_path or FASHION_MNIST_DEFAULT, "train", image_size)
-    if name == "digits":
-        return DigitsDataset(image_size)
-    if name == "folder":
-        if not data_path:
-            raise DataError("--data folder needs --data-path pointing at an image folder")
-        return ImageFolderDataset(data_path, image_size, skip_corrupt)
-    if name == "latents":
-        from .latents import LatentDataset
-        if not data_path:
-            raise DataError("--data latents needs --data-path pointing at a folder made by 'switch-dit extract-latents'")
-        return LatentDataset(data_path)
-    raise DataError(f"unknown data set {name!r}: choose fashion-mnist, digits, folder or latents")
