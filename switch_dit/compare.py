@@ -41,7 +41,7 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = dict(PRESETS["cpu-fashion"])
+    base = dict(PRESETS["cpu-fashion"], time_budget=0.0)  # the same step count for every run, on any machine
     base.update(overrides or {})
     if max_steps is not None:
         base["max_steps"] = max_steps

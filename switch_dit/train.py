@@ -252,6 +252,9 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     last_saved = resume_path
     step = start_step
     probe = start_step if resume_path is not None else None  # the checkpoint whose weights this step's loss measures
+    # --time-budget: time the first steps of a fresh run, then choose the step count that fits (all ranks agree,
+    # since rank 0's choice is broadcast)
+    budget = {"t0": None} if cfg.time_budget > 0 and start_step == 0 else None
     try:
         while step < cfg.max_steps:
             x, y = next(loader)
@@ -290,6 +293,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                                           terms["vb"].detach().float().mean(), terms["aux"].detach().float()])
             step += 1
             steps_since += 1
+            if budget is not None:
+                budget = _apply_time_budget(cfg, budget, step, results, bar, info)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 means = (_mean_over_ranks(interval_sums) / steps_since).tolist()
@@ -321,6 +326,34 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         logger.close()
     return {"step": step, "history": history, "checkpoint": str(last_saved) if last_saved else None,
             "results_dir": str(results), "model": model, "ema": ema, "diffusion": diffusion, "dataset": dataset}
+
+
+BUDGET_PROBE = (5, 25)  # steps timed for --time-budget (the first few are slower: allocation, warm-up)
+
+
+def _apply_time_budget(cfg: Config, budget: dict, step: int, results: Path, bar, info) -> dict | None:
+    """At step BUDGET_PROBE[0] start a clock; at BUDGET_PROBE[1] set max_steps to what fits in the budget."""
+    first, last = BUDGET_PROBE
+    if step == first:
+        budget["t0"] = time.time()
+        return budget
+    if step < last or budget["t0"] is None:
+        return budget
+    rate = (last - first) / max(time.time() - budget["t0"], 1e-9)
+    fits = max(last, int(rate * cfg.time_budget))
+    chosen = torch.tensor(min(cfg.max_steps, fits))
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(chosen, 0)
+    old, cfg.max_steps = cfg.max_steps, int(chosen)
+    if info.is_main:
+        print(f"[switch-dit] time budget {cfg.time_budget:.0f} s: {rate:.2f} steps/s over steps {first}-{last}, "
+              f"so training for {cfg.max_steps} steps (--max-steps {old}); recorded in the run's config",
+              flush=True)
+        (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
+        if bar is not None:
+            bar.total = cfg.max_steps
+            bar.refresh()
+    return None
 
 
 def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler,

@@ -16,7 +16,7 @@ def test_demo_writes_grid_routing_map_and_tensorboard(tmp_path, capsys):
     grid = np.array(Image.open(out / "samples_grid.png"))
     assert grid.shape[0] == 8 * (2 + 10 * 10)  # ten class rows of 8x8 samples, scaled up to 64 px
     rmap = np.array(Image.open(out / "routing_map.png"))
-    assert rmap.shape[0] == 1000
+    assert rmap.ndim == 3 and rmap.shape[1] > rmap.shape[0]  # the labelled figure: learned | prior, side by side
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -25,3 +25,20 @@ def test_demo_writes_grid_routing_map_and_tensorboard(tmp_path, capsys):
     acc.Reload()
     assert {"train/loss", "train/prior_loss", "train/lr"} <= set(acc.Tags()["scalars"])
     assert {"samples/grid", "routing/task_expert_map"} <= set(acc.Tags()["images"])
+
+
+def test_time_budget_chooses_the_step_count_that_fits(tmp_path, capsys):
+    import yaml
+
+    from tests.helpers import TINY, load_state
+
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 100000, "--time-budget", 1.5, "--ckpt-every", 100000,
+                   "--log-every", 1000, "--results-dir", out) == 0
+    printed = capsys.readouterr().out
+    assert "[switch-dit] time budget 2 s:" in printed and "(--max-steps 100000)" in printed
+    (ckpt,) = list((out / "checkpoints").glob("step_*.pt"))
+    state = load_state(ckpt)
+    chosen = state["config"]["max_steps"]
+    assert 25 <= chosen < 100000 and state["step"] == chosen
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == chosen
