@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="a checkpoint to sample from on the fly")
     p.add_argument("--num-samples", type=int, default=10_000, help="with --ckpt")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"])
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"])
     p.add_argument("--num-sampling-steps", type=int)
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--global-seed", type=int)

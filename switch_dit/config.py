@@ -77,7 +77,7 @@ class Config:
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         checks = [
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
-            (self.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim"),
+            (self.sampler in ("ddpm", "ddim", "dpm++"), f"--sampler must be ddpm, ddim or dpm++, got {self.sampler!r}"),
             (self.data in ("fashion-mnist", "digits", "folder", "latents"),
              f"--data must be fashion-mnist, digits, folder or latents, got {self.data!r}"),
             (self.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {self.noise_schedule!r}"),

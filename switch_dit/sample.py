@@ -61,8 +61,16 @@ def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Conf
     return model.eval(), cfg, None
 
 
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
 def sampling_diffusion(cfg: Config) -> GaussianDiffusion:
-    spacing = f"ddim{cfg.num_sampling_steps}" if cfg.sampler == "ddim" else str(cfg.num_sampling_steps)
+    """The respaced process a sampler walks: DDIM's stride spacing for ddim, N evenly spread steps (the first
+    and last included) for ddpm, and for dpm++ N steps from T-1 down to about T/N, from where its last update
+    jumps to clean data (stepping on to t = 0 would make the last second-order step extrapolate across the
+    steep end of the log-SNR curve)."""
+    spacing = {"ddim": f"ddim{cfg.num_sampling_steps}",
+               "dpm++": f"trailing{cfg.num_sampling_steps}"}.get(cfg.sampler, str(cfg.num_sampling_steps))
     try:
         return create_diffusion(spacing, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                 diffusion_steps=cfg.diffusion_steps)
@@ -111,6 +119,8 @@ def sample_latents(model: DiT, diffusion: GaussianDiffusion, cfg: Config, labels
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs,
                                           generator=gens, eta=cfg.ddim_eta)
+    if cfg.sampler == "dpm++":  # deterministic: the per-sample initial noise is all the randomness
+        return diffusion.dpm_solver_pp_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs)
     return diffusion.p_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs,
                                    generator=gens)
 
