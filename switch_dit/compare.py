@@ -51,6 +51,10 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
                                          base["image_size"], 10_000)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
+                         "cfg_scale": cfg_scale, "eval_every": eval_every}
+    if command:
+        results["command"] = command
     for seed in seeds:
         for variant in VARIANTS:
             name = f"{variant}-{size}/{patch}"
@@ -76,10 +80,7 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
             results_path.write_text(json.dumps(results, indent=1))
             if seed == seeds[0] and not (out / f"{variant}_grid.png").exists():
                 _pictures(run_dir, variant, out, cfg)
-    results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
-                         "cfg_scale": cfg_scale, "eval_every": eval_every}
-    if command:
-        results["command"] = command
+        write_report(results, out)  # after every seed: a long comparison has a report all along
     results_path.write_text(json.dumps(results, indent=1))
     write_report(results, out)
     return results
@@ -185,6 +186,13 @@ def write_report(results: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cfg = results.get("config", {})
+    asked = cfg.get("seeds", [0])
+    # Only seeds whose three runs are finished and evaluated enter the report (a long comparison reports as it goes).
+    finished = {(rec["model"].rsplit("-", 1)[0], rec["seed"]) for rec in results["runs"].values()
+                if rec.get("finished_step") == cfg.get("max_steps") and rec.get("evals")}
+    seeds = [s for s in asked if all((v, s) in finished for v in VARIANTS)] or asked
+    results = {**results, "runs": {k: r for k, r in results["runs"].items() if r["seed"] in seeds}}
     agg = _aggregate(results)
     runs = results["runs"]
     info = {}
@@ -192,8 +200,6 @@ def write_report(results: dict, out: Path) -> Path:
         v = rec["model"].rsplit("-", 1)[0]
         i = info.setdefault(v, {"params": rec.get("params_m"), "gflops": rec.get("gflops"), "time": []})
         i["time"].append(rec.get("train_seconds", float("nan")))
-    cfg = results.get("config", {})
-    seeds = cfg.get("seeds", [0])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for v, steps in agg.items():
         xs = list(steps)
@@ -265,6 +271,8 @@ def write_report(results: dict, out: Path) -> Path:
              "scored with the bundled Fashion-MNIST classifier's features against 10,000 training images. "
              "These numbers are not comparable with Inception-based FID/IS.", "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
+             *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
+                "rerunning the command resumes them.", ""] if set(asked) - set(seeds) else []),
              "| model | params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():
