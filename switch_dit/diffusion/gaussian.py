@@ -18,9 +18,22 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=list(range(1, x.ndim)))
 
 
+_DEVICE_COPIES: dict = {}  # (id of a schedule array, device) -> (array, its tensor): one host-to-device copy each
+
+
+def _on_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    key = (id(arr), str(device))
+    hit = _DEVICE_COPIES.get(key)
+    if hit is None or hit[0] is not arr:  # the array object is kept in the entry, so its id cannot be reused
+        hit = (arr, torch.from_numpy(arr).to(device))
+        _DEVICE_COPIES[key] = hit
+    return hit[1]
+
+
 def _extract(arr: np.ndarray, t: torch.Tensor, shape) -> torch.Tensor:
-    """arr[t] as float32 on t's device, broadcastable to shape."""
-    out = torch.from_numpy(arr).to(device=t.device)[t].float()
+    """arr[t] as float32 on t's device, broadcastable to shape. The schedule array is copied to the device once
+    (cached), not at every call: on CUDA each copy would be a blocking host-to-device transfer."""
+    out = _on_device(arr, t.device)[t].float()
     return out.reshape(-1, *([1] * (len(shape) - 1)))
 
 
@@ -102,11 +115,11 @@ class GaussianDiffusion:
         return mean, _extract(self.posterior_variance, t, x_t.shape), _extract(self.posterior_log_variance_clipped, t, x_t.shape)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.snr_values).to(t.device)[t].float()
+        return _on_device(self.snr_values, t.device)[t].float()
 
     # ----------------------------------------------------------------- model
     def _call_model(self, model: Callable, x, t, model_kwargs):
-        return model(x, torch.from_numpy(self.timestep_map).to(t.device)[t], **(model_kwargs or {}))
+        return model(x, _on_device(self.timestep_map, t.device)[t], **(model_kwargs or {}))
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
