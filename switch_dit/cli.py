@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import add_config_arguments, config_from_args
+from .config import add_config_arguments, apply_sampling_options, config_from_args
 
 
 def _train(args) -> int:
@@ -29,12 +29,9 @@ def _sample(args) -> int:
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}" +
                              (" (0 writes a grid instead of an .npz)" if flag == "--num-fid-samples" else ""))
-    overrides = config_from_args(args)
+    overrides = config_from_args(args, validate=False)  # --model etc. for other code's state dicts
     model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
-    # Sampling options given on the command line win over the ones stored in the checkpoint.
-    for k in ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels", "ddim_eta", "global_seed", "device", "vae"):
-        if hasattr(args, k):
-            setattr(cfg, k, getattr(args, k))
+    apply_sampling_options(cfg, args)  # the command line wins over the checkpoint's options
     vae = None
     if cfg.vae:
         from .data.latents import load_vae
@@ -137,9 +134,7 @@ def _evaluate(args) -> int:
     else:
         from .sample import load_model_for_sampling, sample_images
         model, cfg, _ = load_model_for_sampling(args.ckpt)
-        for k in ("sampler", "num_sampling_steps", "cfg_scale", "global_seed"):
-            if getattr(args, k) is not None:
-                setattr(cfg, k, getattr(args, k))
+        apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "global_seed"))
         model.to(device)
         vae = None
         if cfg.vae:
@@ -166,7 +161,8 @@ def _analyze(args) -> int:
     from .analysis import analyze
     from .sample import load_model_for_sampling
 
-    model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=config_from_args(args))
+    model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema,
+                                            cfg_overrides=config_from_args(args, validate=False))
     if model.prior is None:
         raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without Switch-DiT routing: task-expert maps "
                          "need a Switch-DiT model")
@@ -182,7 +178,7 @@ def _compare(args) -> int:
 
     overrides = {}
     for k in ("data", "data_path", "image_size", "global_batch_size", "lr", "warmup_steps", "sampler",
-              "num_sampling_steps"):
+              "num_sampling_steps", "objective", "t_sampling"):
         if getattr(args, k) is not None:
             overrides[k] = getattr(args, k)
     res = run_comparison(args.out, size=args.size, patch=args.patch, seeds=args.seeds, max_steps=args.max_steps,
@@ -257,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="a checkpoint to sample from on the fly")
     p.add_argument("--num-samples", type=int, default=10_000, help="with --ckpt")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"])
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "heun", "euler-maruyama"])
     p.add_argument("--num-sampling-steps", type=int)
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--global-seed", type=int)
@@ -293,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1000, help="samples per FID evaluation")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     for flag, typ in (("--data", str), ("--data-path", str), ("--image-size", int), ("--global-batch-size", int),
-                      ("--lr", float), ("--warmup-steps", int), ("--sampler", str), ("--num-sampling-steps", int)):
+                      ("--lr", float), ("--warmup-steps", int), ("--sampler", str), ("--num-sampling-steps", int),
+                      ("--objective", str), ("--t-sampling", str)):
         p.add_argument(flag, type=typ, help="override the cpu-fashion preset")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_compare)

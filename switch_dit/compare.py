@@ -42,6 +42,9 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = dict(PRESETS["cpu-fashion"], time_budget=0.0)  # the same step count for every run, on any machine
+    if (overrides or {}).get("objective") == "flow":
+        # the DDPM comparison's DDIM-50 becomes Heun with 25 steps: 49 model calls, the same budget
+        base.update(sampler="heun", num_sampling_steps=25)
     base.update(overrides or {})
     if max_steps is not None:
         base["max_steps"] = max_steps
@@ -263,11 +266,13 @@ def write_report(results: dict, out: Path) -> Path:
             loss_lines.append(f"| {v} | {vals.mean():.5f} ± {vals.std():.5f} | {diff} |")
     verdicts = conclusions(results, agg)
 
-    lines = ["# DiT vs DTR vs Switch-DiT on Fashion-MNIST", "",
+    objective = {"flow": "flow matching (linear interpolant, velocity target)"}.get(cfg.get("objective"), "DDPM")
+    lines = [f"# DiT vs DTR vs Switch-DiT on Fashion-MNIST: {objective}", "",
              f"Size {cfg.get('size')}/{cfg.get('patch')}, image size {cfg.get('image_size')}, "
              f"global batch {cfg.get('global_batch_size')}, lr {cfg.get('lr')}, {cfg.get('max_steps')} steps, "
              f"seeds {seeds}; the three runs differ only in routing. Metrics: {cfg.get('num_samples')} samples "
-             f"({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance {cfg.get('cfg_scale')}) "
+             f"({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance {cfg.get('cfg_scale')}; "
+             f"objective {cfg.get('objective', 'ddpm')}) "
              "scored with the bundled Fashion-MNIST classifier's features against 10,000 training images. "
              "These numbers are not comparable with Inception-based FID/IS.", "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),

@@ -29,6 +29,8 @@ class Config:
     vae: Optional[str] = None
     num_workers: int = 0
     # --- diffusion
+    objective: str = "ddpm"  # "ddpm" (the paper) or "flow" (linear-interpolant flow matching, velocity target)
+    t_sampling: str = "uniform"  # flow matching's training times: "uniform" or "logit-normal" (SD3)
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
     loss_weighting: str = "constant"
@@ -75,9 +77,18 @@ class Config:
 
         for f in fields(self):  # types first, so that the comparisons below cannot raise TypeError
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+        if self.objective == "flow" and self.sampler == "ddpm":  # the default sampler: a flow run samples with Heun
+            self.sampler = "heun"
         checks = [
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
-            (self.sampler in ("ddpm", "ddim", "dpm++"), f"--sampler must be ddpm, ddim or dpm++, got {self.sampler!r}"),
+            (self.objective in ("ddpm", "flow"), f"--objective must be ddpm or flow, got {self.objective!r}"),
+            (self.t_sampling in ("uniform", "logit-normal"),
+             f"--t-sampling must be uniform or logit-normal, got {self.t_sampling!r}"),
+            (self.sampler in SAMPLERS[self.objective] or self.objective not in SAMPLERS,
+             f"--sampler {self.sampler} does not apply to --objective {self.objective}: use one of "
+             f"{', '.join(SAMPLERS.get(self.objective, ()))}"),
+            (self.objective == "ddpm" or self.loss_weighting == "constant",
+             f"--loss-weighting {self.loss_weighting} applies to --objective ddpm; flow matching uses constant"),
             (self.data in ("fashion-mnist", "digits", "folder", "latents"),
              f"--data must be fashion-mnist, digits, folder or latents, got {self.data!r}"),
             (self.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {self.noise_schedule!r}"),
@@ -112,6 +123,9 @@ class Config:
         return self
 
 
+# The samplers of each objective (the default "ddpm" of a flow run becomes "heun").
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "flow": ("euler", "heun", "euler-maruyama")}
+
 # Presets: the paper's ImageNet recipe (method.md section 7) and a CPU recipe for the embedded default data.
 PRESETS: dict[str, dict] = {
     "imagenet256": dict(data="latents", image_size=256, global_batch_size=256, lr=1e-4, weight_decay=0.0,
@@ -126,8 +140,8 @@ PRESETS: dict[str, dict] = {
                         sampler="ddim", num_sampling_steps=50, cfg_scale=4.0),
 }
 
-ARCH_FIELDS = ("model", "num_experts", "top_k", "mask_form", "dtr_alpha", "dtr_beta", "class_dropout_prob",
-               "learn_sigma", "diffusion_steps")
+ARCH_FIELDS = ("model", "objective", "num_experts", "top_k", "mask_form", "dtr_alpha", "dtr_beta",
+               "class_dropout_prob", "learn_sigma", "diffusion_steps")
 
 
 def _coerce(f, value):
@@ -225,7 +239,7 @@ def load_yaml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+def config_from_args(args: argparse.Namespace, base: Config | None = None, validate: bool = True) -> Config:
     values = dataclasses.asdict(base or Config())
     if getattr(args, "preset", None):
         values.update(PRESETS[args.preset])
@@ -237,7 +251,22 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; see --help for the list")
-    return Config(**values).validate()
+    cfg = Config(**values)
+    return cfg.validate() if validate else cfg
+
+
+def apply_sampling_options(cfg: Config, args: argparse.Namespace,
+                           keys=("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels", "ddim_eta",
+                                 "global_seed", "device", "vae")) -> Config:
+    """Sampling options given on the command line win over a checkpoint's; checked against its objective."""
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is not None:
+            setattr(cfg, k, v)
+    if getattr(args, "sampler", None) and args.sampler not in SAMPLERS[cfg.objective]:
+        raise ValueError(f"--sampler {args.sampler} does not apply to this {cfg.objective} model: use one of "
+                         f"{', '.join(SAMPLERS[cfg.objective])}")
+    return cfg.validate()
 
 
 def config_from_dict(d: dict) -> Config:
@@ -245,5 +274,6 @@ def config_from_dict(d: dict) -> Config:
     return Config(**{k: v for k, v in d.items() if k in known})
 
 
-__all__ = ["Config", "PRESETS", "ARCH_FIELDS", "add_config_arguments", "config_from_args", "config_from_dict",
+__all__ = ["Config", "PRESETS", "ARCH_FIELDS", "SAMPLERS", "add_config_arguments", "config_from_args",
+           "apply_sampling_options", "config_from_dict",
            "load_yaml", "field"]

@@ -15,8 +15,9 @@ def model_options(cfg: Config) -> dict:
 
 
 def build_model(cfg: Config, in_channels: int, input_size: int, num_classes: int) -> DiT:
+    # flow matching predicts a velocity only: no learned-variance channels
     return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                        learn_sigma=cfg.learn_sigma, **model_options(cfg))
+                        learn_sigma=cfg.learn_sigma and cfg.objective == "ddpm", **model_options(cfg))
 
 
 def build_weighting(cfg: Config):

@@ -119,6 +119,10 @@ def sample_latents(model: DiT, diffusion: GaussianDiffusion, cfg: Config, labels
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs,
                                           generator=gens, eta=cfg.ddim_eta)
+    if cfg.objective == "flow":
+        from .flow import FlowMatching
+        return FlowMatching().sample(fn, noise, cfg.num_sampling_steps, cfg.sampler, model_kwargs=kwargs,
+                                     generator=gens)
     if cfg.sampler == "dpm++":  # deterministic: the per-sample initial noise is all the randomness
         return diffusion.dpm_solver_pp_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs)
     return diffusion.p_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip, model_kwargs=kwargs,

@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .config import ARCH_FIELDS, Config
 from .data import build_dataset
 from .diffusion import create_diffusion
+from .flow import FlowMatching
 from .factory import build_model, build_weighting
 from .integrations import RunLogger
 from .models.dit import DiT
@@ -80,8 +81,9 @@ def check_compatible(saved: dict, cfg: Config, path) -> None:
     if saved.get("format") != ckpt.FORMAT:
         raise ckpt.CheckpointError(f"{path} is not a switch-dit training checkpoint (format {saved.get('format')!r})")
     old = saved["config"]
-    diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCH_FIELDS + ("image_size", "data")
-             if old.get(k) != getattr(cfg, k)]
+    defaults = Config()  # fields newer than the checkpoint have their default value there
+    diffs = [f"{k}: checkpoint {old.get(k, getattr(defaults, k))!r} vs now {getattr(cfg, k)!r}"
+             for k in ARCH_FIELDS + ("image_size", "data") if old.get(k, getattr(defaults, k)) != getattr(cfg, k)]
     if diffs:
         raise ckpt.CheckpointError(f"checkpoint {path} belongs to another model/config ({'; '.join(diffs)}); "
                                    "use matching options or another --results-dir")
@@ -186,8 +188,9 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     torch.manual_seed(cfg.global_seed)  # the same initial weights on every process and every run
     model = build_model(cfg, C, H, dataset.num_classes).to(device)
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)  # EMA kept in fp32
-    diffusion = create_diffusion(noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
-                                 diffusion_steps=cfg.diffusion_steps)
+    # The generative process: DDPM (the paper) or flow matching (--objective flow); both give training_losses.
+    diffusion = FlowMatching(cfg.t_sampling) if cfg.objective == "flow" else create_diffusion(
+        noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma, diffusion_steps=cfg.diffusion_steps)
     weighting = build_weighting(cfg).to(device)
     groups = [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
     if list(weighting.parameters()):
@@ -265,7 +268,10 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             g = step_generator(cfg.global_seed, step)
             B = cfg.global_batch_size
             flips = torch.rand(B, generator=g)[sl] < 0.5
-            t = weighting.sample_timesteps(B, diffusion.num_timesteps, "cpu", generator=g)[sl]
+            if cfg.objective == "flow":
+                t = diffusion.sample_t(B, generator=g)[sl]
+            else:
+                t = weighting.sample_timesteps(B, diffusion.num_timesteps, "cpu", generator=g)[sl]
             noise = torch.randn((B, C, H, W), generator=g)[sl]
             drop = (torch.rand(B, generator=g)[sl] < cfg.class_dropout_prob).long()
             if cfg.data == "latents":  # both flips are cached; a fresh latent sample each time

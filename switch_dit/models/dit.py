@@ -118,9 +118,18 @@ class DiT(nn.Module):
         """(T, N_blocks, M) gate logits of every Switch block for timestep embeddings (T, D)."""
         return torch.stack([r.gate_logits(t_emb) for r in self.switch_routers], dim=1)
 
+    def task_bins(self, t: torch.Tensor) -> torch.Tensor:
+        """The task (of T) a timestep belongs to, for DTR's masks and the diffusion prior: integer DDPM
+        timesteps are their own task; a continuous flow-matching input t_in = 1000 * t (t in [0, 1], as SiT
+        feeds the embedder) belongs to bin min(floor(t * T), T - 1)."""
+        if not t.is_floating_point():
+            return t
+        return (t * (self.num_timesteps / 1000.0)).floor().long().clamp(0, self.num_timesteps - 1)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> ModelOutput:
-        """x: (N, C, H, W) input, t: (N,) integer timesteps in [0, T), y: (N,) class labels.
+        """x: (N, C, H, W) input, t: (N,) integer timesteps in [0, T) (DDPM) or floats 1000 * t, t in [0, 1]
+        (flow matching), y: (N,) class labels.
 
         force_drop_ids (N,) of 0/1, if given, decides which labels become the null class (the trainer draws
         it from step-derived seeds, so that runs do not depend on the number of processes)."""
@@ -132,9 +141,10 @@ class DiT(nn.Module):
                 t_all = torch.arange(self.num_timesteps, device=x.device)
                 pending = self.prior.start_matching(self.all_gate_logits(self.t_embedder(t_all)))
         t_emb = self.t_embedder(t)
-        t_index = t
+        t_bins = self.task_bins(t)
+        t_index = t_bins
         if self.routed and not self.training and not torch.is_grad_enabled() and t.numel() > 0:
-            ts = t.tolist()  # one host sync per step; lets routers use one mask row for a shared timestep
+            ts = t_bins.tolist()  # one host sync per step; lets routers use one mask row for a shared timestep
             if all(v == ts[0] for v in ts):
                 t_index = int(ts[0])
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
@@ -146,7 +156,7 @@ class DiT(nn.Module):
                 h = block(h, c, t_index, t_emb)
         out = self.unpatchify(self.final_layer(h, c))
         if use_prior:
-            aux = self.lambda_dp * self.prior(pending, self.all_gate_logits(t_emb), t)
+            aux = self.lambda_dp * self.prior(pending, self.all_gate_logits(t_emb), t_bins)
         else:
             aux = torch.zeros((), device=x.device, dtype=torch.float32)
         return ModelOutput(sample=out, aux_loss=aux)
