@@ -284,9 +284,12 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             lr = lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr / cfg.lr
+            kwargs = dict(y=y, force_drop_ids=drop)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                terms = diffusion.training_losses(train_model, x, t, dict(y=y, force_drop_ids=drop), noise=noise,
-                                                  weighting=weighting)
+                if model.prior is not None and model.lambda_dp > 0:
+                    # host work (the Hungarian matching) stays out of the compiled forward: one sync per step
+                    kwargs["prior_target"] = model.matched_prior_table()
+                terms = diffusion.training_losses(train_model, x, t, kwargs, noise=noise, weighting=weighting)
             loss = terms["loss"]
             loss_value = loss.item()  # the step's one host sync: the divergence check and checkpoint health
             if probe is not None:

@@ -126,24 +126,35 @@ class DiT(nn.Module):
             return t
         return (t * (self.num_timesteps / 1000.0)).floor().long().clamp(0, self.num_timesteps - 1)
 
+    @torch.no_grad()
+    def matched_prior_table(self) -> torch.Tensor:
+        """The diffusion prior matched to the gates' current expert pattern over all T tasks (T, N*M): the
+        target of this step's prior loss. Its Hungarian solve runs on the host, so the trainer calls this
+        outside the (compiled) forward and passes the result as ``prior_target``."""
+        t_all = torch.arange(self.num_timesteps, device=self.pos_embed.device)
+        return self.prior.matched_prior(self.all_gate_logits(self.t_embedder(t_all)))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                force_drop_ids: torch.Tensor | None = None) -> ModelOutput:
+                force_drop_ids: torch.Tensor | None = None, prior_target: torch.Tensor | None = None) -> ModelOutput:
         """x: (N, C, H, W) input, t: (N,) integer timesteps in [0, T) (DDPM) or floats 1000 * t, t in [0, 1]
         (flow matching), y: (N,) class labels.
 
         force_drop_ids (N,) of 0/1, if given, decides which labels become the null class (the trainer draws
-        it from step-derived seeds, so that runs do not depend on the number of processes)."""
+        it from step-derived seeds, so that runs do not depend on the number of processes).
+        prior_target: the matched prior table of this step (``matched_prior_table``), given by the trainer so
+        that the forward has no host work and compiles into one graph; without it the model matches itself."""
         use_prior = self.training and self.prior is not None and self.lambda_dp > 0
-        if use_prior:
+        if use_prior and prior_target is None:
             # The expert pattern of all T tasks needs no gradient: one no-grad pass of the timestep MLP and
             # gates per step, and the matching starts now so the host solve overlaps the blocks on GPU.
             with torch.no_grad():
                 t_all = torch.arange(self.num_timesteps, device=x.device)
-                pending = self.prior.start_matching(self.all_gate_logits(self.t_embedder(t_all)))
+                prior_target = self.prior.start_matching(self.all_gate_logits(self.t_embedder(t_all)))
         t_emb = self.t_embedder(t)
         t_bins = self.task_bins(t)
         t_index = t_bins
-        if self.routed and not self.training and not torch.is_grad_enabled() and t.numel() > 0:
+        if (self.routed and not self.training and not torch.is_grad_enabled() and t.numel() > 0
+                and not torch.compiler.is_compiling()):  # compiled: the batched path, no host sync
             ts = t_bins.tolist()  # one host sync per step; lets routers use one mask row for a shared timestep
             if all(v == ts[0] for v in ts):
                 t_index = int(ts[0])
@@ -156,7 +167,7 @@ class DiT(nn.Module):
                 h = block(h, c, t_index, t_emb)
         out = self.unpatchify(self.final_layer(h, c))
         if use_prior:
-            aux = self.lambda_dp * self.prior(pending, self.all_gate_logits(t_emb), t_bins)
+            aux = self.lambda_dp * self.prior(prior_target, self.all_gate_logits(t_emb), t_bins)
         else:
             aux = torch.zeros((), device=x.device, dtype=torch.float32)
         return ModelOutput(sample=out, aux_loss=aux)

@@ -96,9 +96,11 @@ class DiffusionPrior(nn.Module):
     def matched_prior(self, logits_all: torch.Tensor) -> torch.Tensor:
         return self.finish_matching(self.start_matching(logits_all))
 
-    def forward(self, pending, batch_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean JSD over the batch. ``pending`` comes from ``start_matching``; batch_logits (B, N, M) are the
-        gate logits of the batch's timesteps (with gradient), t the batch timesteps (B,)."""
-        q = self.finish_matching(pending)[t] / (self.top_k * self.num_blocks)
+    def forward(self, target, batch_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean JSD over the batch. ``target`` is the matched prior table (T, N*M) (``matched_prior``; the
+        trainer computes it outside a compiled forward) or a pending match from ``start_matching``;
+        batch_logits (B, N, M) are the gate logits of the batch's timesteps (with gradient), t their tasks (B,)."""
+        table = target if torch.is_tensor(target) else self.finish_matching(target)
+        q = table[t] / (self.top_k * self.num_blocks)
         p = batch_logits.float().softmax(dim=-1).flatten(1) / self.num_blocks
         return js_divergence(p, q).mean()

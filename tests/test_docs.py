@@ -1,0 +1,37 @@
+"""Every relative link in README.md and in the committed docs points at a file git tracks (a report that only
+lives on one machine, or that .gitignore swallowed, does not exist for anyone else)."""
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tracked() -> set[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return set(out.splitlines())
+
+
+def _links(text: str) -> list[str]:
+    found = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'src="([^"]+)"', text)
+    return [u for u in found if not re.match(r"^[a-z][a-z0-9+.-]*:", u) and not u.startswith("#")]
+
+
+def test_relative_links_point_at_tracked_files():
+    tracked = _tracked()
+    docs = ["README.md"] + sorted(f for f in tracked if f.startswith("docs/") and f.endswith(".md"))
+    broken = []
+    for doc in docs:
+        for link in _links((ROOT / doc).read_text()):
+            target = (Path(doc).parent / link.split("#")[0]).as_posix()
+            target = str(Path(target)).replace("\\", "/")
+            norm = "/".join(p for p in target.split("/") if p not in ("", "."))
+            if norm not in tracked and not any(t.startswith(norm + "/") for t in tracked):
+                broken.append(f"{doc} -> {link}")
+    assert not broken, "links to files git does not track: " + ", ".join(broken)
+    assert any(d.startswith("docs/results/") for d in docs), "the comparison report is not committed"
+
+
+def test_the_link_check_catches_a_missing_file():
+    assert _links("see [r](docs/results/x.md) and ![f](a.png) and [w](https://x.org) [s](#sec)") == \
+        ["docs/results/x.md", "a.png"]
