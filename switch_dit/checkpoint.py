@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "switch-dit/train-state/1"
+MODEL_FORMAT = "switch-dit/model/1"  # an exported model: EMA weights in safetensors, the config in its metadata
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -280,3 +281,48 @@ def resolve_resume(resume: str | None, results_dir: str | os.PathLike) -> Path |
     if not p.is_file():
         raise CheckpointError(f"--resume {resume}: no such checkpoint file (use 'auto' for the newest in the results dir)")
     return p
+
+
+def export_model(state: dict, out: str | os.PathLike, dtype: torch.dtype = torch.float32, use_ema: bool = True) -> Path:
+    """Write a training checkpoint's EMA (or raw) weights as safetensors, with the config, shapes and step in
+    the metadata: the safe format to share a trained model (loading it can run no code)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    weights = state["ema" if use_ema else "model"]
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    meta = {"format": MODEL_FORMAT, "config": json.dumps(state["config"]), "step": str(state.get("step")),
+            "in_channels": str(state["in_channels"]), "input_size": str(state["input_size"]),
+            "num_classes": str(state["num_classes"]), "weights": "ema" if use_ema else "model"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(float32 weights, metadata) of an exported model; a file of another kind gives a CheckpointError."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}); export it again "
+                              "with 'switch-dit export'") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file without switch-dit metadata; make one with "
+                              "'switch-dit export CKPT --out FILE.safetensors'")
+    meta = {**meta, "config": json.loads(meta["config"]), "in_channels": int(meta["in_channels"]),
+            "input_size": int(meta["input_size"]), "num_classes": int(meta["num_classes"]),
+            "step": None if meta.get("step") in (None, "None") else int(meta["step"])}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}, meta

@@ -37,7 +37,7 @@ def _sample(args) -> int:
         from .data.latents import load_vae
         vae = load_vae(cfg.vae)
     if args.num_fid_samples:
-        out = args.out or str(Path(args.ckpt).with_suffix("")) + f"_samples{args.num_fid_samples}.npz"
+        out = args.out or _default_stem(args.ckpt) + f"_samples{args.num_fid_samples}.npz"
         path = sample_npz(model, cfg, args.num_fid_samples, out, batch_size=args.batch_size, vae=vae,
                           progress=not args.no_progress)
         if path:
@@ -63,7 +63,7 @@ def _sample(args) -> int:
         with torch.no_grad():
             grid = class_grid(model, cfg, model.num_classes, per_class=args.per_class, seed=cfg.global_seed,
                               device=device, vae=vae)
-    out = args.out or str(Path(args.ckpt).with_suffix("")) + "_grid.png"
+    out = args.out or _default_stem(args.ckpt) + "_grid.png"
     print(f"[switch-dit] wrote {write_grid(out, grid, scale=args.scale)}")
     return 0
 
@@ -102,6 +102,22 @@ def _demo(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import torch
+
+    from .checkpoint import FORMAT, CheckpointError, export_model, load
+
+    if not str(args.out).endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: the exported file must end in .safetensors")
+    state = load(args.ckpt)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{args.ckpt} is not a switch-dit training checkpoint; export takes step_XXXXXXX.pt")
+    path = export_model(state, args.out, getattr(torch, args.dtype), use_ema=not args.no_ema)
+    print(f"[switch-dit] wrote {path} ({'EMA' if not args.no_ema else 'raw'} weights, {args.dtype}, "
+          f"step {state.get('step')}); sample, analyze and evaluate accept it")
+    return 0
+
+
 def _extract(args) -> int:
     from .data.latents import extract_latents
 
@@ -122,9 +138,11 @@ def _evaluate(args) -> int:
     device = resolve_device(args.device)
     if args.num_samples < 2 or args.batch_size < 1:
         raise ValueError(f"--num-samples must be >= 2 and --batch-size >= 1, got {args.num_samples} and {args.batch_size}")
-    sources = [bool(args.npz), bool(args.images), bool(args.ckpt)]
+    sources = [bool(args.npz), bool(args.images), bool(args.ckpt_flag or args.pretrained)]
     if sum(sources) != 1:
-        raise ValueError("give exactly one of --npz, --images or --ckpt")
+        raise ValueError("give exactly one of --npz, --images, --ckpt or --pretrained")
+    if args.ckpt_flag or args.pretrained:
+        _resolve_checkpoint_argument(args)
     extractor = build_extractor(args.features, args.inception, device)
     extractor.progress = not args.no_progress
     if args.npz:
@@ -166,7 +184,8 @@ def _analyze(args) -> int:
     if model.prior is None:
         raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without Switch-DiT routing: task-expert maps "
                          "need a Switch-DiT model")
-    out = args.out or str(Path(args.ckpt).parent.parent / "analysis")
+    out = args.out or (_default_stem(args.ckpt) + "_analysis" if args.ckpt.startswith("pretrained:")
+                       else str(Path(args.ckpt).parent.parent / "analysis"))
     summary = analyze(model, out)
     print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=1))
     print(f"[switch-dit] routing analysis written to {out}")
@@ -189,16 +208,31 @@ def _compare(args) -> int:
     return 0
 
 
-def _checkpoint_argument(p: argparse.ArgumentParser, help: str) -> None:
-    """The checkpoint as a positional path or as --ckpt PATH (DiT's sample.py and users' scripts say --ckpt)."""
-    p.add_argument("ckpt", nargs="?", help=help)
-    p.add_argument("--ckpt", dest="ckpt_flag", metavar="PATH", help="the same, as a flag")
+def _default_stem(ckpt: str) -> str:
+    """Where outputs go by default: beside the checkpoint, or switch-dit-NAME in the current folder for --pretrained."""
+    if ckpt.startswith("pretrained:"):
+        return f"switch-dit-{ckpt.split(':', 1)[1]}"
+    return str(Path(ckpt).with_suffix(""))
+
+
+def _checkpoint_argument(p: argparse.ArgumentParser, help: str, positional: bool = True) -> None:
+    """The checkpoint as a positional path or as --ckpt PATH (DiT's sample.py and users' scripts say --ckpt), a
+    training checkpoint, another code's state dict or an exported .safetensors; or --pretrained NAME."""
+    if positional:
+        p.add_argument("ckpt", nargs="?", help=help)
+    else:
+        p.set_defaults(ckpt=None)
+    p.add_argument("--ckpt", dest="ckpt_flag", metavar="PATH", help="the same, as a flag" if positional else help)
+    p.add_argument("--pretrained", choices=["fashion-mnist"],
+                   help="a model shipped with the package (Switch-DiT on Fashion-MNIST, 28x28)")
 
 
 def _resolve_checkpoint_argument(args) -> None:
     given = [c for c in (args.ckpt, args.ckpt_flag) if c]
+    if getattr(args, "pretrained", None):
+        given.append(f"pretrained:{args.pretrained}")
     if len(given) != 1:
-        raise ValueError(f"give the checkpoint once, as 'switch-dit {args.command} PATH' or with --ckpt PATH")
+        raise ValueError(f"give the model once: 'switch-dit {args.command} PATH', --ckpt PATH or --pretrained NAME")
     args.ckpt = given[0]
 
 
@@ -237,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_sample)
 
+    p = sub.add_parser("export", help="a training checkpoint's EMA weights as .safetensors, config in the metadata")
+    p.add_argument("ckpt", help="a switch-dit training checkpoint (step_XXXXXXX.pt)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("extract-latents", help="encode an image folder with a local AutoencoderKL (both flips)")
     p.add_argument("--data-path", required=True)
     p.add_argument("--vae", required=True, help="local folder with config.json + diffusion_pytorch_model.safetensors")
@@ -250,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="FID / IS / precision / recall of samples against a data set")
     p.add_argument("--npz", help="ADM-format samples (uint8 NHWC under arr_0)")
     p.add_argument("--images", help="a folder of sample images")
-    p.add_argument("--ckpt", help="a checkpoint to sample from on the fly")
+    _checkpoint_argument(p, "a checkpoint or exported model to sample from on the fly", positional=False)
     p.add_argument("--num-samples", type=int, default=10_000, help="with --ckpt")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "heun", "euler-maruyama"])
@@ -303,7 +344,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in reports
     try:
-        if hasattr(args, "ckpt_flag"):
+        if hasattr(args, "ckpt_flag") and args.command != "evaluate":
             _resolve_checkpoint_argument(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors carry the fix; no traceback

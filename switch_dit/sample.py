@@ -17,6 +17,25 @@ from .models.dit import DiT
 from .utils import dist as du
 
 
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED = {"fashion-mnist": "switch-dit-fashion-mnist.safetensors"}
+
+
+def resolve_pretrained(path: str) -> str:
+    """'pretrained:NAME' (what --pretrained NAME passes) -> the packaged file; other paths unchanged."""
+    if not str(path).startswith("pretrained:"):
+        return path
+    name = str(path).split(":", 1)[1]
+    if name not in PRETRAINED:
+        raise ValueError(f"--pretrained {name}: no such model; available: {', '.join(PRETRAINED)}")
+    file = PRETRAINED_DIR / PRETRAINED[name]
+    if not file.is_file():
+        raise FileNotFoundError(f"--pretrained {name}: {file} is not in this installation of switch-dit; "
+                                "reinstall the package (pip install -e .) or train one with the command in "
+                                f"{PRETRAINED_DIR / 'README.md'}")
+    return str(file)
+
+
 def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Config | None = None):
     """(model in eval mode, Config, step) from a switch-dit checkpoint, or from another code's state dict
     (a released DiT-XL-2-256x256.pt, a checkpoint of the authors' Switch-DiT or DTR code), for which
@@ -24,6 +43,13 @@ def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Conf
     from .models.compat import authors_variant, from_authors_state_dict, strip_wrapper_prefixes
     from .models.dit import parse_model_name
 
+    path = resolve_pretrained(path)
+    if str(path).endswith(".safetensors"):  # an exported model (switch-dit export, or --pretrained)
+        weights, meta = ckpt.load_exported(path)
+        cfg = config_from_dict(meta["config"])
+        model = build_model(cfg, meta["in_channels"], meta["input_size"], meta["num_classes"])
+        model.load_state_dict(weights)
+        return model.eval(), cfg, meta["step"]
     saved = ckpt.load(path)
     if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:
         missing = [k for k in ("config", "in_channels", "input_size", "num_classes", "ema", "model") if k not in saved]
