@@ -30,9 +30,9 @@ def resolve_pretrained(path: str) -> str:
         raise ValueError(f"--pretrained {name}: no such model; available: {', '.join(PRETRAINED)}")
     file = PRETRAINED_DIR / PRETRAINED[name]
     if not file.is_file():
-        raise FileNotFoundError(f"--pretrained {name}: {file} is not in this installation of switch-dit; "
-                                "reinstall the package (pip install -e .) or train one with the command in "
-                                f"{PRETRAINED_DIR / 'README.md'}")
+        raise FileNotFoundError(f"--pretrained {name}: {file} is not in this version of switch-dit (the shipped "
+                                "model is still being trained); train your own with 'switch-dit demo' and pass its "
+                                "checkpoint, or 'switch-dit export' it")
     return str(file)
 
 
