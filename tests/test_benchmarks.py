@@ -25,3 +25,17 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
     assert res["vae"]["images_per_s"] > 0
     table = (tmp_path / "bench_gpu.md").read_text()
     assert "| Switch-DiT-XS/4 | yes | 4 |" in table and "host syncs / step" in table
+
+
+def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
+    import bench_samplers
+
+    from tests.helpers import TINY, run_cli
+
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 1, "--ckpt-every", 1, "--results-dir", run) == 0
+    res = bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
+                               "--batch-size", "6", "--max-steps", "10", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert {(r["sampler"], r["steps"]) for r in res["runs"]} == {("ddim", 10), ("dpm++", 10)}
+    assert all(r["fid"] > 0 and r["ms_per_image"] > 0 for r in res["runs"])
+    assert (tmp_path / "o" / "fid_vs_steps.png").is_file() and "| dpm++ | 10 |" in (tmp_path / "o" / "bench_samplers.md").read_text()
