@@ -84,7 +84,7 @@ class Config:
             (self.objective in ("ddpm", "flow"), f"--objective must be ddpm or flow, got {self.objective!r}"),
             (self.t_sampling in ("uniform", "logit-normal"),
              f"--t-sampling must be uniform or logit-normal, got {self.t_sampling!r}"),
-            (self.sampler in SAMPLERS[self.objective] or self.objective not in SAMPLERS,
+            (self.sampler in SAMPLERS.get(self.objective, ()) or self.objective not in SAMPLERS,
              f"--sampler {self.sampler} does not apply to --objective {self.objective}: use one of "
              f"{', '.join(SAMPLERS.get(self.objective, ()))}"),
             (self.objective == "ddpm" or self.loss_weighting == "constant",
