@@ -169,7 +169,7 @@ def tiny_ckpt(tmp_path_factory):
     (["--per-class", "0"], "--per-class must be >= 1"),
     (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
     (["--class-labels", "12"], "--class-labels must lie in [0, 9]"),
-    (["--sampler", "euler"], "--sampler must be ddpm, ddim or dpm++"),
+    (["--sampler", "euler"], "--sampler euler does not apply to this ddpm model: use one of ddpm, ddim, dpm++"),
 ])
 def test_bad_sampling_input_is_one_line(tiny_ckpt, tmp_path, capsys, args, words):
     err = _one_line_error(capsys, "sample", tiny_ckpt, "--out", tmp_path / "x.png", "--no-progress", *args)
