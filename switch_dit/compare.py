@@ -139,10 +139,13 @@ def _loss_curves(results: dict, out: Path, key: str = "train/mse") -> dict:
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (the first points average what exists so far)."""
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    n = np.minimum(np.arange(1, len(y) + 1), window)
-    return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
+    """Centred moving average of log values (a steeply falling curve keeps its shape; the ends average what
+    exists)."""
+    kernel = np.ones(window)
+    logs = np.log(np.maximum(y, 1e-12))
+    total = np.convolve(logs, kernel, mode="same")
+    count = np.convolve(np.ones_like(logs), kernel, mode="same")
+    return np.exp(total / count)
 
 
 def _paired(results: dict, a: str, b: str, step: int) -> tuple[list[float], list[float]]:
@@ -233,18 +236,22 @@ def write_report(results: dict, out: Path) -> Path:
     curves = _loss_curves(results, out)
     loss_lines = []
     if curves:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         for v, (steps, ys) in curves.items():
-            mean = _smooth(ys.mean(0), 10)
-            ax.plot(steps, mean, label=v)
-            if len(ys) > 1:
-                sd = _smooth(ys.std(0), 10)
-                ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
-        ax.set_xlabel("training steps")
-        ax.set_ylabel("training MSE (eps), smoothed")
-        ax.set_yscale("log")
-        ax.set_title("training loss vs steps, mean over seeds")
-        ax.legend()
+            mean = _smooth(ys.mean(0), 5)
+            late = steps >= steps[-1] / 3
+            for ax, sel in ((axes[0], slice(None)), (axes[1], late)):
+                ax.plot(steps[sel], mean[sel], label=v)
+                if len(ys) > 1:
+                    sd = ys.std(0)
+                    ax.fill_between(steps[sel], (mean - sd)[sel], (mean + sd)[sel], alpha=0.15)
+        axes[0].set_yscale("log")
+        axes[0].set_title("training MSE, mean over seeds")
+        axes[1].set_title("the last two thirds, linear scale")
+        for ax in axes:
+            ax.set_xlabel("training steps")
+            ax.set_ylabel("training MSE (eps), smoothed")
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out / "loss_vs_steps.png", dpi=120)
         plt.close(fig)
@@ -278,6 +285,8 @@ def write_report(results: dict, out: Path) -> Path:
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
                 "rerunning the command resumes them.", ""] if set(asked) - set(seeds) else []),
+             "Train times are wall-clock seconds on a machine shared with other work, not a speed comparison "
+             "(benchmarks/bench_switch.py measures step-time ratios).", "",
              "| model | params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():
