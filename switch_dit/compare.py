@@ -141,7 +141,7 @@ def _loss_curves(results: dict, out: Path, key: str = "train/mse") -> dict:
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average of log values (a steeply falling curve keeps its shape; the ends average what
     exists)."""
-    kernel = np.ones(window)
+    kernel = np.ones(max(1, min(window, len(y))))  # np.convolve's 'same' keeps len(y) only if the kernel is shorter
     logs = np.log(np.maximum(y, 1e-12))
     total = np.convolve(logs, kernel, mode="same")
     count = np.convolve(np.ones_like(logs), kernel, mode="same")
