@@ -127,18 +127,6 @@ def task_affinity(pattern: np.ndarray) -> np.ndarray:
     return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
 
 
-# A few anchor colours of the viridis map; enough for heat maps without matplotlib.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> uint8 RGB through a piecewise-linear viridis."""
-    v = np.clip(values, 0, 1) * (len(_VIRIDIS) - 1)
-    i = np.minimum(v.astype(int), len(_VIRIDIS) - 2)
-    f = (v - i)[..., None]
-    return ((1 - f) * _VIRIDIS[i] + f * _VIRIDIS[i + 1]).round().astype(np.uint8)
-
-
 def routing_summary(pattern: np.ndarray, num_experts: int) -> dict:
     """Per block: experts chosen at every timestep (shared), never chosen, and where the choice switches."""
     T, NM = pattern.shape

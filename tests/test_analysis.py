@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from switch_dit import create_model
-from switch_dit.analysis import analyze, colormap, routing_summary, task_affinity, task_expert_map
+from switch_dit.analysis import analyze, routing_summary, task_affinity, task_expert_map
 from tests.helpers import TINY, run_cli
 
 
@@ -23,12 +23,10 @@ def test_map_rows_have_k_per_block_and_summary():
         assert sum(b["usage"]) == 3.0
 
 
-def test_affinity_and_colormap():
+def test_affinity():
     w = np.array([[1, 0, 1], [1, 0, 1], [0, 1, 0]])
     a = task_affinity(w)
     assert a[0, 1] == 1.0 and a[0, 2] == 0.0 and np.allclose(a, a.T)
-    img = colormap(np.array([[0.0, 1.0]]))
-    assert img.shape == (1, 2, 3) and tuple(img[0, 0]) == (68, 1, 84) and tuple(img[0, 1]) == (253, 231, 37)
 
 
 def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
