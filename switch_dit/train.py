@@ -291,7 +291,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                     kwargs["prior_target"] = model.matched_prior_table()
                 terms = diffusion.training_losses(train_model, x, t, kwargs, noise=noise, weighting=weighting)
             loss = terms["loss"]
-            loss_value = loss.item()  # the step's one host sync: the divergence check and checkpoint health
+            loss_value = loss.item()  # a host sync (besides the matching's): divergence check, checkpoint health
             if probe is not None:
                 health[probe], probe = loss_value, None
             if not math.isfinite(loss_value):
