@@ -150,11 +150,38 @@ def train(cfg: Config, progress: bool = True) -> dict:
         du.teardown()
 
 
+class LossWatch:
+    """The divergence check without a host sync of its own. Each step's loss is copied to pinned host memory
+    without blocking and read one step later, once the next step's forward and backward are queued (for
+    Switch-DiT the matching has synchronised by then anyway), and before every checkpoint save, so the one
+    update taken from a non-finite loss is never saved."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.float32, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending: tuple[int, int | None] | None = None  # (step, checkpoint step its weights measure)
+
+    def push(self, step: int, loss: torch.Tensor, measures: int | None) -> None:
+        self.host.copy_(loss.detach().float(), non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record()
+        self.pending = (step, measures)
+
+    def read(self) -> tuple[int, float, int | None] | None:
+        if self.pending is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()  # already complete when the matching synchronised after the copy
+        (step, measures), self.pending = self.pending, None
+        return step, float(self.host), measures
+
+
 def divergence_message(loss: float, step: int, cfg: Config, ckpt_dir: Path, health: dict[int, float]) -> str:
     """Advice that works: the newest checkpoint whose weights still trained well, and the exact flags."""
     files = {int(p.stem.split("_")[1]): p for p in ckpt.list_checkpoints(ckpt_dir)}
     good = ckpt.last_good_step({s: v for s, v in health.items() if s in files})
-    head = f"loss became {loss} at step {step}; stopped before the update."
+    head = f"loss became {loss} at step {step}; nothing trained from it was saved."
     lr = min(cfg.lr / 10, 1e-4)  # a tenth, and never above the paper's 1e-4
     if good is not None:
         return (f"{head} The newest checkpoint that trained well is {files[good]} (loss {health[good]:.4g} with its "
@@ -262,6 +289,17 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     # --time-budget: time the first steps of a fresh run, then choose the step count that fits (all ranks agree,
     # since rank 0's choice is broadcast)
     budget = {"t0": None} if cfg.time_budget > 0 and start_step == 0 else None
+    watch = LossWatch(device)
+
+    def check_loss(read: tuple[int, float, int | None] | None) -> None:
+        if read is None:
+            return
+        at, value, measures = read
+        if measures is not None:
+            health[measures] = value
+        if not math.isfinite(value):
+            raise TrainingDiverged(divergence_message(value, at, cfg, results / "checkpoints", health))
+
     try:
         while step < cfg.max_steps:
             x, y = next(loader)
@@ -291,13 +329,12 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                     kwargs["prior_target"] = model.matched_prior_table()
                 terms = diffusion.training_losses(train_model, x, t, kwargs, noise=noise, weighting=weighting)
             loss = terms["loss"]
-            loss_value = loss.item()  # a host sync (besides the matching's): divergence check, checkpoint health
-            if probe is not None:
-                health[probe], probe = loss_value, None
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(divergence_message(loss_value, step, cfg, results / "checkpoints", health))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            # the previous step's loss, read now that this step's work is queued (no sync of its own)
+            check_loss(watch.read())
+            watch.push(step, loss, probe)
+            probe = None
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -331,6 +368,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                 _log_samples(ema, diffusion, cfg, dataset, logger, step, device)
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                check_loss(watch.read())  # no checkpoint holds weights updated from a non-finite loss
                 if info.is_main:
                     last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health)
                 probe = step
