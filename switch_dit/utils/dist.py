@@ -44,7 +44,16 @@ def setup(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None:
+            # torchrun keeps its store across restarts, and a restarted group would read the killed group's gloo
+            # addresses under the same keys and wait on dead peers; a prefix per restart keeps the rounds apart
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+            store = dist.PrefixStore(f"switch-dit/restart{restart}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local_rank, dev)
 
 
