@@ -5,8 +5,9 @@
 
 Every sampler draws the same samples (same per-sample seeds, same labels: sample i has class i % 10) from the
 same model; FID uses the bundled Fashion-MNIST classifier's features against the 10,000 test images. Writes
-OUT/bench_samplers.json, OUT/bench_samplers.md and OUT/fid_vs_steps.png. The target: DPM-Solver++ at 20 steps
-within 5% of DDPM-250's FID (12x fewer model calls).
+OUT/bench_samplers.json, OUT/bench_samplers.md and OUT/fid_vs_steps.png after every setting; a rerun keeps the
+settings already measured on the same model file with the same samples (--max-steps 50 now, the rest later).
+The target: DPM-Solver++ at 20 steps within 5% of DDPM-250's FID (12x fewer model calls).
 """
 from __future__ import annotations
 
@@ -21,9 +22,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from switch_dit.evaluate.features import ClassifierExtractor  # noqa: E402
 from switch_dit.evaluate.run import reference_features, score  # noqa: E402
-from switch_dit.sample import load_model_for_sampling, sample_images  # noqa: E402
+from switch_dit.sample import load_model_for_sampling, resolve_pretrained, sample_images  # noqa: E402
 
 GRID = {"ddpm": (50, 250), "ddim": (10, 20, 50, 250), "dpm++": (10, 20, 50, 250)}
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _machine(device: torch.device) -> str:
+    import os
+    import platform
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
+
+
+SAME_RUN = ("model", "sha256", "num_samples", "cfg_scale")  # a rerun reuses settings measured under these
 
 
 def run(args) -> dict:
@@ -35,10 +52,20 @@ def run(args) -> dict:
     extractor = ClassifierExtractor(str(device))
     ref, _, _ = reference_features(extractor, "fashion-mnist", args.data_path, "test", cfg.image_size, None)
     grid = {k: [s for s in v if s <= args.max_steps] for k, v in GRID.items()}
-    res = {"model": source, "step": step, "num_samples": args.num_samples, "cfg_scale": args.cfg_scale,
+    res = {"model": source, "sha256": _sha256(resolve_pretrained(source)), "step": step,
+           "num_samples": args.num_samples, "cfg_scale": args.cfg_scale,
            "reference": "Fashion-MNIST test set (10,000), bundled classifier features", "runs": []}
+    # Resumable: settings already measured on this model with these samples are kept (a long CPU run can be
+    # spread over several sittings); each result says on which machine its time was measured.
+    out = Path(args.out)
+    previous = json.loads((out / "bench_samplers.json").read_text()) if (out / "bench_samplers.json").exists() else {}
+    done = {(r["sampler"], r["steps"]): r for r in previous.get("runs", [])} \
+        if all(previous.get(k) == res[k] for k in SAME_RUN) else {}
     for sampler, steps_list in grid.items():
         for steps in steps_list:
+            if (sampler, steps) in done:
+                res["runs"].append(done[(sampler, steps)])
+                continue
             cfg.sampler, cfg.num_sampling_steps = sampler, steps
             t0 = time.perf_counter()
             images = sample_images(model, cfg, args.num_samples, device, batch_size=args.batch_size,
@@ -48,14 +75,20 @@ def run(args) -> dict:
             calls = steps  # one model call per step for all three
             res["runs"].append({"sampler": sampler, "steps": steps, "model_calls": calls, "fid": m["fid"],
                                 "precision": m["precision"], "recall": m["recall"],
-                                "ms_per_image": 1e3 * seconds / args.num_samples})
+                                "ms_per_image": 1e3 * seconds / args.num_samples, "machine": _machine(device)})
+            _summarise(res)
+            write(res, out)  # after every setting
             print(f"{sampler:6s} {steps:4d} steps: FID {m['fid']:.2f}, {1e3 * seconds / args.num_samples:.1f} ms/image",
                   flush=True)
+    _summarise(res)
+    return res
+
+
+def _summarise(res: dict) -> None:
     ref_run = next((r for r in res["runs"] if r["sampler"] == "ddpm" and r["steps"] == 250), None)
     dpm20 = next((r for r in res["runs"] if r["sampler"] == "dpm++" and r["steps"] == 20), None)
     if ref_run and dpm20:
         res["dpm20_vs_ddpm250"] = dpm20["fid"] / ref_run["fid"]
-    return res
 
 
 def write(res: dict, out: Path) -> None:
@@ -82,9 +115,13 @@ def write(res: dict, out: Path) -> None:
     lines = [f"Samplers on {res['model']} (step {res['step']}): {res['num_samples']} samples, the same seeds and "
              f"labels for all, guidance {res['cfg_scale']}; FID from the bundled classifier's features against "
              "the Fashion-MNIST test set.", "",
-             "| sampler | steps | FID | precision | recall | ms / image |", "|---|---|---|---|---|---|"]
+             "| sampler | steps | FID | precision | recall | ms / image | measured on |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['steps']} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['ms_per_image']:.1f} |" for r in res["runs"]]
+              f"{r['ms_per_image']:.1f} | {r.get('machine', '')} |" for r in res["runs"]]
+    missing = [f"{k} {s}" for k, v in GRID.items() for s in v if not any(
+        r["sampler"] == k and r["steps"] == s for r in res["runs"])]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)} (rerunning the command adds them)."]
     if "dpm20_vs_ddpm250" in res:
         lines += ["", f"DPM-Solver++ 20 steps / DDPM 250 steps FID: {res['dpm20_vs_ddpm250']:.3f} (target <= 1.05)"]
     (out / "bench_samplers.md").write_text("\n".join(lines) + "\n")

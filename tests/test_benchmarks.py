@@ -39,3 +39,9 @@ def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
     assert {(r["sampler"], r["steps"]) for r in res["runs"]} == {("ddim", 10), ("dpm++", 10)}
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 for r in res["runs"])
     assert (tmp_path / "o" / "fid_vs_steps.png").is_file() and "| dpm++ | 10 |" in (tmp_path / "o" / "bench_samplers.md").read_text()
+    # a rerun with more steps keeps what was measured and adds the rest
+    again = bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
+                                 "--batch-size", "6", "--max-steps", "20", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert [(r["sampler"], r["steps"]) for r in again["runs"]] == [("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20)]
+    assert again["runs"][0] == res["runs"][0] and again["runs"][2] == res["runs"][1]
+    assert "Not measured yet: ddpm 50, ddpm 250, ddim 50" in (tmp_path / "o" / "bench_samplers.md").read_text()
