@@ -100,22 +100,24 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert (out / "checkpoints" / "step_0000002.pt").read_bytes() == good
 
 
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, port, out, objective="ddpm"):
     dist_env(rank, world, port)
     cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=4,
-                 ckpt_every=4, log_every=1, tensorboard=False, results_dir=out, device="cpu")
+                 ckpt_every=4, log_every=1, tensorboard=False, results_dir=out, device="cpu", objective=objective)
     train(cfg, progress=False)
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_ddp_two_processes_equal_one_process(tmp_path, objective):
     one = tmp_path / "one"
     two = tmp_path / "two"
     cfg = Config(model="Switch-DiT-XS/2", data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=4,
-                 ckpt_every=4, log_every=1, tensorboard=False, results_dir=str(one), device="cpu")
+                 ckpt_every=4, log_every=1, tensorboard=False, results_dir=str(one), device="cpu", objective=objective)
     train(cfg, progress=False)
-    run_processes(_ddp_worker, 2, str(two))
+    run_processes(_ddp_worker, 2, str(two), objective)
     a = load_state(one / "checkpoints" / "step_0000004.pt")
     b = load_state(two / "checkpoints" / "step_0000004.pt")
+    assert a["config"]["objective"] == b["config"]["objective"] == objective
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
 
