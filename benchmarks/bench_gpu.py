@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from switch_dit import create_diffusion, create_model  # noqa: E402
 from switch_dit.config import Config  # noqa: E402
 from switch_dit.sample import sample_latents, sampling_diffusion  # noqa: E402
+from switch_dit.train import LossWatch  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the data-centre parts this project targets.
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -86,6 +88,7 @@ def make_train_step(model, diffusion, device, compiled: bool, compile_backend: s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=cuda or None)
     fwd = torch.compile(model, backend=compile_backend) if compiled else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    watch = LossWatch(device)  # the trainer's divergence check, so the sync count is the trainer's
 
     def step(x, y, t, noise):
         kwargs = dict(y=y)
@@ -95,6 +98,10 @@ def make_train_step(model, diffusion, device, compiled: bool, compile_backend: s
             loss = diffusion.training_losses(fwd, x, t, kwargs, noise=noise)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        read = watch.read()
+        if read is not None and not math.isfinite(read[1]):
+            raise RuntimeError(f"the benchmark's loss became {read[1]}")
+        watch.push(0, loss, None)
         opt.step()
         return loss
 
