@@ -28,3 +28,13 @@ def test_comparison_end_to_end_tiny_budget(tmp_path):
     mtime = (out / "runs" / "DiT_seed0" / "checkpoints" / "step_0000002.pt").stat().st_mtime_ns
     assert run_cli(*args) == 0
     assert (out / "runs" / "DiT_seed0" / "checkpoints" / "step_0000002.pt").stat().st_mtime_ns == mtime
+
+
+def test_a_verdict_needs_a_gap_beyond_the_seed_spread_and_every_paired_seed():
+    from switch_dit.compare import _verdict
+
+    assert _verdict(3.5, 0.6, 3, 3) == "yes"
+    assert _verdict(0.8, 0.9, 1, 3) == "within seed noise"   # lower on average, not in most seeds
+    assert _verdict(2.5, 1.0, 2, 3) == "within seed noise"   # a clear mean gap, but one seed disagrees
+    assert _verdict(-4.0, 1.0, 0, 3) == "no"
+    assert _verdict(1.0, 0.0, 1, 1) == "yes"                  # one seed: no spread to measure against
