@@ -30,9 +30,9 @@ def resolve_pretrained(path: str) -> str:
         raise ValueError(f"--pretrained {name}: no such model; available: {', '.join(PRETRAINED)}")
     file = PRETRAINED_DIR / PRETRAINED[name]
     if not file.is_file():
-        raise FileNotFoundError(f"--pretrained {name}: {file} is not in this version of switch-dit (the shipped "
-                                "model is still being trained); train your own with 'switch-dit demo' and pass its "
-                                "checkpoint, or 'switch-dit export' it")
+        raise FileNotFoundError(f"--pretrained {name}: {file} is missing from this installation (it ships as "
+                                "package data): reinstall switch-dit from its repository (pip install -e .), or "
+                                "train your own with 'switch-dit demo' and pass its checkpoint")
     return str(file)
 
 
