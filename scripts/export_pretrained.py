@@ -74,8 +74,8 @@ def main(argv=None) -> dict:
         seconds = time.time() - t0
         extractor = ClassifierExtractor("cpu")
         ref, _, _ = reference_features(extractor, "fashion-mnist", None, "test", cfg.image_size, None)
-        metrics = score(images, extractor, ref)
-        _, logits = extractor(images)
+        feats, logits = extractor(images)
+        metrics = score(images, extractor, ref, extracted=(feats, logits))
         labels = np.arange(len(images)) % model.num_classes
         card["evaluation"] = {
             "num_samples": len(images), "sampler": cfg.sampler, "steps": cfg.num_sampling_steps,

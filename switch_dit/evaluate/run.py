@@ -87,13 +87,17 @@ def _mtime(data: str, data_path) -> float | None:
 
 
 def score(images: np.ndarray, extractor: Extractor, ref_feats: np.ndarray, k: int = 3,
-          pr_limit: int = 10_000) -> dict:
-    """FID against the reference statistics, IS (where the extractor has logits), precision/recall (k-NN)."""
+          pr_limit: int = 10_000, extracted: tuple | None = None) -> dict:
+    """FID against the reference statistics, IS (where the extractor has logits), precision/recall (k-NN).
+    extracted: the (features, logits) extractor(images) already gave, so a caller that needs them too runs the
+    network once."""
     images = check_images(images, "samples")
-    note = extractor.estimate(len(images))
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    feats, logits = extractor(images)
+    if extracted is None:
+        note = extractor.estimate(len(images))
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        extracted = extractor(images)
+    feats, logits = extracted
     fid = frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))
     out = {"num_samples": int(len(images)), "features": extractor.name, "fid": fid, "note": extractor.note}
     if logits is not None:
