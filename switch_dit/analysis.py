@@ -145,6 +145,16 @@ def routing_summary(pattern: np.ndarray, num_experts: int) -> dict:
             "blocks_with_a_shared_expert": sum(bool(b["shared_experts"]) for b in blocks), "blocks": blocks}
 
 
+def routing_record(model: DiT) -> dict:
+    """routing_summary of the learned map plus how closely it follows the diffusion prior (the fraction of
+    (timestep, slot) entries equal to the prior table matched to the learned slots): a compact, JSON-able
+    description of one trained model's routing, for comparing runs."""
+    pattern = task_expert_map(model)
+    summary = routing_summary(pattern, model.switch_routers[0].num_experts)
+    summary["prior_agreement"] = float((pattern == matched_prior_table(model, pattern)).mean())
+    return summary
+
+
 def analyze(model: DiT, out_dir) -> dict:
     """Write task_expert_map.png (labelled; _raw: one pixel row per timestep), task_affinity.png (+ the
     prior's) and routing.json; return the summary."""

@@ -80,6 +80,9 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
                 if step not in rec["evals"]:
                     rec["evals"][step] = _evaluate_checkpoint(ckpt, extractor, ref_feats, num_samples, cfg_scale, 100)
                     results_path.write_text(json.dumps(results, indent=1))
+            final = run_dir / "checkpoints" / f"step_{cfg.max_steps:07d}.pt"
+            if variant == "Switch-DiT" and "routing" not in rec and final.is_file():
+                rec["routing"] = _routing(final)  # every seed's map, so the report can say what is stable
             results_path.write_text(json.dumps(results, indent=1))
             if seed == seeds[0] and not (out / f"{variant}_grid.png").exists():
                 _pictures(run_dir, variant, out, cfg)
@@ -104,6 +107,43 @@ def _pictures(run_dir: Path, variant: str, out: Path, cfg: Config) -> None:
         import shutil
         shutil.copy(summary["files"]["task_expert_map"], out / f"{variant}_routing_map.png")
         shutil.copy(summary["files"]["task_affinity"], out / f"{variant}_routing_affinity.png")
+
+
+def _routing(ckpt: Path) -> dict:
+    """The final EMA model's routing summary (shared/unused experts, switch timesteps, agreement with the prior)."""
+    from .analysis import routing_record
+    from .sample import load_model_for_sampling
+
+    model, _, _ = load_model_for_sampling(str(ckpt))
+    return routing_record(model)
+
+
+def routing_lines(results: dict) -> list[str]:
+    """A table of every Switch-DiT seed's learned routing at the end of training."""
+    recs = sorted((r for r in results["runs"].values() if r.get("routing")), key=lambda r: r["seed"])
+    if not recs:
+        return []
+    r0 = recs[0]["routing"]
+    lines = ["", "## Learned routing at the end of training", "",
+             f"Switch-DiT's gates read only the timestep, so each seed's routing is a fixed map from the "
+             f"{r0['num_timesteps']} timesteps (bins of t for flow) to the top-k of {r0['num_experts']} experts in each "
+             f"of {r0['num_blocks']} blocks (final EMA model). Per seed: blocks in which one expert serves every "
+             "timestep (a shared expert), experts never chosen, switch points (timesteps where a block's choice "
+             "changes; t = 0 is the least noise), and the fraction of (timestep, slot) entries equal to the "
+             "diffusion prior matched to the learned slots.", "",
+             "| seed | blocks with a shared expert | unused experts | switch points per block | where (block: t) "
+             "| agreement with the prior |", "|---|---|---|---|---|---|"]
+    for rec in recs:
+        r = rec["routing"]
+        per_block = [len(b["switch_timesteps"]) for b in r["blocks"]]
+        where = "; ".join(f"{b['block'] + 1}: {', '.join(map(str, b['switch_timesteps'][:6]))}"
+                          + (" ..." if len(b["switch_timesteps"]) > 6 else "")
+                          for b in r["blocks"] if b["switch_timesteps"])
+        unused = sum(len(b["unused_experts"]) for b in r["blocks"])
+        agree = f"{100 * r['prior_agreement']:.1f}%" if "prior_agreement" in r else "n/a"
+        lines.append(f"| {rec['seed']} | {r['blocks_with_a_shared_expert']}/{r['num_blocks']} | {unused} | "
+                     f"{', '.join(map(str, per_block))} | {where or 'none'} | {agree} |")
+    return lines
 
 
 def _aggregate(results: dict) -> dict:
@@ -202,6 +242,7 @@ def write_report(results: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cfg = results.get("config", {})
+    target = "velocity" if cfg.get("objective") == "flow" else "eps term"  # what the logged MSE is of
     asked = cfg.get("seeds", [0])
     # Only seeds whose three runs are finished and evaluated enter the report (a long comparison reports as it goes).
     finished = {(rec["model"].rsplit("-", 1)[0], rec["seed"]) for rec in results["runs"].values()
@@ -259,13 +300,13 @@ def write_report(results: dict, out: Path) -> Path:
         axes[1].set_title("the last two thirds, linear scale")
         for ax in axes:
             ax.set_xlabel("training steps")
-            ax.set_ylabel("training MSE (eps), smoothed")
+            ax.set_ylabel(f"training MSE ({target.split()[0]}), smoothed")
             ax.legend()
         fig.tight_layout()
         fig.savefig(out / "loss_vs_steps.png", dpi=120)
         plt.close(fig)
         # Mean MSE over the last quarter of training, per seed; paired differences against Switch-DiT.
-        loss_lines = ["", "Training MSE (eps term; interval means logged every "
+        loss_lines = ["", f"Training MSE ({target}; interval means logged every "
                       f"{int(np.diff(next(iter(curves.values()))[0][:2])[0]) if len(next(iter(curves.values()))[0]) > 1 else 1}"
                       " steps) averaged over the last quarter of training, mean ± std over seeds, and its paired "
                       "difference to Switch-DiT (same seed, same data order and noise):", "",
@@ -305,6 +346,7 @@ def write_report(results: dict, out: Path) -> Path:
                          f"{fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
                          f"{np.mean(info[v]['time']):.0f} |")
     lines += loss_lines
+    lines += routing_lines(results)
     if verdicts:
         lines += ["", "## Conclusion, checkpoint by checkpoint", "",
                   "Is Switch-DiT's FID lower? The gap is given in seed standard deviations (the gap over the pooled "

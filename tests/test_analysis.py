@@ -68,3 +68,17 @@ def test_routing_figure_is_labelled_and_its_prior_is_matched():
     table = model.prior.table.numpy()
     assert sorted(map(tuple, matched.T)) == sorted(map(tuple, table.T))
     assert np.abs(matched - pattern).sum() <= np.abs(table - pattern).sum()
+
+
+def test_routing_record_agreement_is_that_of_the_best_matching_of_prior_columns():
+    from switch_dit.analysis import routing_record
+
+    torch.manual_seed(1)
+    model = create_model("Switch-DiT-XS/2", input_size=8, in_channels=1, num_classes=10, num_experts=4, top_k=2)
+    rec = routing_record(model)
+    pattern = task_expert_map(model)
+    table = model.prior.table.cpu().numpy()
+    assert rec["num_blocks"] == 6 and 0.0 <= rec["prior_agreement"] <= 1.0
+    # The matching maximises agreement over column orders: no fixed order (identity, reversed) does better.
+    for order in (np.arange(table.shape[1]), np.arange(table.shape[1])[::-1]):
+        assert rec["prior_agreement"] >= (pattern == table[:, order]).mean() - 1e-12

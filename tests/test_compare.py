@@ -21,6 +21,12 @@ def test_comparison_end_to_end_tiny_budget(tmp_path):
     assert "Command: `switch-dit compare --out" in report
     assert "## Conclusion, checkpoint by checkpoint" in report and "- step 2: Switch-DiT below DiT: **" in report
     assert "paired seeds" in report and "| Switch-DiT | " in report.split("final-quarter MSE")[1]
+    # Every Switch-DiT seed's final routing is recorded and tabulated (only Switch-DiT has timestep gates).
+    for k, rec in res["runs"].items():
+        assert ("routing" in rec) == k.startswith("Switch-DiT/")
+    assert all(res["runs"][f"Switch-DiT/seed{s}"]["routing"]["num_blocks"] == 6 for s in (0, 1))
+    table = report.split("## Learned routing at the end of training")[1]
+    assert "| 0 | " in table and "| 1 | " in table and "agreement with the prior" in table
     for f in ("fid_vs_steps.png", "fid_vs_gflops.png", "loss_vs_steps.png", "Switch-DiT_routing_map.png",
               "DiT_grid.png"):
         assert (out / f).is_file()
