@@ -44,3 +44,18 @@ def test_a_verdict_needs_a_gap_beyond_the_seed_spread_and_every_paired_seed():
     assert _verdict(2.5, 1.0, 2, 3) == "within seed noise"   # a clear mean gap, but one seed disagrees
     assert _verdict(-4.0, 1.0, 0, 3) == "no"
     assert _verdict(1.0, 0.0, 1, 1) == "yes"                  # one seed: no spread to measure against
+
+
+def test_flow_comparison_uses_a_flow_sampler_and_says_what_it_measured(tmp_path):
+    out = tmp_path / "cmpf"
+    args = ["compare", "--objective", "flow", "--out", out, "--data", "digits", "--image-size", 8, "--patch", 2,
+            "--max-steps", 2, "--eval-every", 2, "--num-samples", 20, "--num-sampling-steps", 2,
+            "--global-batch-size", 8, "--seeds", 0, "--no-progress"]
+    assert run_cli(*args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["objective"] == "flow" and res["config"]["sampler"] == "heun"
+    report = (out / "report.md").read_text()
+    assert report.startswith("# DiT vs DTR vs Switch-DiT on Fashion-MNIST: flow matching")
+    assert "Training MSE (velocity;" in report and "(heun, 2 steps" in report
+    assert "## Learned routing at the end of training" in report
+    assert res["runs"]["Switch-DiT/seed0"]["routing"]["num_timesteps"] == 1000
