@@ -353,6 +353,10 @@ def write_report(results: dict, out: Path) -> Path:
                   "std of the two variants across seeds); 'paired seeds' compares runs with the same seed, data "
                   "order and noise. The answer is **yes** or **no** only when the gap exceeds 2 seed std and every "
                   "paired seed agrees; otherwise it is **within seed noise**.", "", *verdicts]
+    discussion = out / "discussion.md"  # a hand-written reading of the numbers, kept when the report is rewritten
+    if discussion.is_file():
+        lines += ["", "## Discussion", "", "(written by hand from the numbers above; `discussion.md`)", "",
+                  discussion.read_text().strip()]
     pics = "![FID vs steps](fid_vs_steps.png) ![FID vs GFLOPs](fid_vs_gflops.png)"
     if curves:
         pics += " ![training loss vs steps](loss_vs_steps.png)"

@@ -59,3 +59,10 @@ def test_flow_comparison_uses_a_flow_sampler_and_says_what_it_measured(tmp_path)
     assert "Training MSE (velocity;" in report and "(heun, 2 steps" in report
     assert "## Learned routing at the end of training" in report
     assert res["runs"]["Switch-DiT/seed0"]["routing"]["num_timesteps"] == 1000
+    # A hand-written discussion beside the report survives rewriting it.
+    from switch_dit.compare import write_report
+
+    (out / "discussion.md").write_text("Routing follows the prior.\n")
+    write_report(res, out)
+    assert "## Discussion" in (out / "report.md").read_text() and "Routing follows the prior." in \
+        (out / "report.md").read_text()
