@@ -1,5 +1,6 @@
 """Every relative link in README.md and in the committed docs points at a file git tracks (a report that only
 lives on one machine, or that .gitignore swallowed, does not exist for anyone else)."""
+import posixpath
 import re
 import subprocess
 from pathlib import Path
@@ -17,15 +18,18 @@ def _links(text: str) -> list[str]:
     return [u for u in found if not re.match(r"^[a-z][a-z0-9+.-]*:", u) and not u.startswith("#")]
 
 
+def _resolve(doc: str, link: str) -> str:
+    """The repository path a relative link in doc points at ('..' resolved, '#anchor' dropped)."""
+    return posixpath.normpath(posixpath.join(posixpath.dirname(doc), link.split("#")[0]))
+
+
 def test_relative_links_point_at_tracked_files():
     tracked = _tracked()
     docs = ["README.md"] + sorted(f for f in tracked if f.startswith("docs/") and f.endswith(".md"))
     broken = []
     for doc in docs:
         for link in _links((ROOT / doc).read_text()):
-            target = (Path(doc).parent / link.split("#")[0]).as_posix()
-            target = str(Path(target)).replace("\\", "/")
-            norm = "/".join(p for p in target.split("/") if p not in ("", "."))
+            norm = _resolve(doc, link)
             if norm not in tracked and not any(t.startswith(norm + "/") for t in tracked):
                 broken.append(f"{doc} -> {link}")
     assert not broken, "links to files git does not track: " + ", ".join(broken)
@@ -35,3 +39,5 @@ def test_relative_links_point_at_tracked_files():
 def test_the_link_check_catches_a_missing_file():
     assert _links("see [r](docs/results/x.md) and ![f](a.png) and [w](https://x.org) [s](#sec)") == \
         ["docs/results/x.md", "a.png"]
+    assert _resolve("docs/results/compare-flow/report.md", "../compare/report.md#x") == "docs/results/compare/report.md"
+    assert _resolve("README.md", "./docs/a.png") == "docs/a.png"
