@@ -151,8 +151,12 @@ def routing_record(model: DiT) -> dict:
     description of one trained model's routing, for comparing runs."""
     pattern = task_expert_map(model)
     summary = routing_summary(pattern, model.switch_routers[0].num_experts)
-    summary["prior_agreement"] = float((pattern == matched_prior_table(model, pattern)).mean())
+    summary["prior_agreement"] = _prior_agreement(model, pattern)
     return summary
+
+
+def _prior_agreement(model: DiT, pattern: np.ndarray) -> float:
+    return float((pattern == matched_prior_table(model, pattern)).mean())
 
 
 def analyze(model: DiT, out_dir) -> dict:
@@ -175,6 +179,7 @@ def analyze(model: DiT, out_dir) -> dict:
     save_figure(affinity_figure(task_affinity(prior), "task-task affinity of the diffusion prior"),
                 out / "prior_affinity.png")
     summary = routing_summary(pattern, M)
+    summary["prior_agreement"] = _prior_agreement(model, pattern)
     summary["files"] = {k: str(out / f"{k}.png") for k in ("task_expert_map", "task_affinity", "prior_affinity")}
     (out / "routing.json").write_text(json.dumps(summary, indent=1))
     return summary

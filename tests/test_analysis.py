@@ -38,6 +38,7 @@ def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
         assert (tmp_path / "an" / f).is_file()
     summary = json.loads((tmp_path / "an" / "routing.json").read_text())
     assert summary["num_blocks"] == 6 and summary["num_experts"] == 3 and len(summary["blocks"]) == 6
+    assert 0.0 <= summary["prior_agreement"] <= 1.0
     # a checkpoint without routing gives a clear message
     assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--max-steps", 1, "--results-dir", tmp_path / "d") == 0
     capsys.readouterr()
