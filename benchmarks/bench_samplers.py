@@ -61,10 +61,18 @@ def run(args) -> dict:
     previous = json.loads((out / "bench_samplers.json").read_text()) if (out / "bench_samplers.json").exists() else {}
     done = {(r["sampler"], r["steps"]): r for r in previous.get("runs", [])} \
         if all(previous.get(k) == res[k] for k in SAME_RUN) else {}
+    order = [(k, s) for k, v in GRID.items() for s in v]  # the table's order, whatever is measured first
+
+    def record(run: dict) -> None:
+        done[(run["sampler"], run["steps"])] = run
+        res["runs"] = [done[key] for key in order if key in done]
+
+    record_all = list(done.values())
+    for r in record_all:
+        record(r)  # every earlier result is in the file from the start: a run killed midway loses none
     for sampler, steps_list in grid.items():
         for steps in steps_list:
             if (sampler, steps) in done:
-                res["runs"].append(done[(sampler, steps)])
                 continue
             cfg.sampler, cfg.num_sampling_steps = sampler, steps
             t0 = time.perf_counter()
@@ -73,9 +81,9 @@ def run(args) -> dict:
             seconds = time.perf_counter() - t0
             m = score(images, extractor, ref)
             calls = steps  # one model call per step for all three
-            res["runs"].append({"sampler": sampler, "steps": steps, "model_calls": calls, "fid": m["fid"],
-                                "precision": m["precision"], "recall": m["recall"],
-                                "ms_per_image": 1e3 * seconds / args.num_samples, "machine": _machine(device)})
+            record({"sampler": sampler, "steps": steps, "model_calls": calls, "fid": m["fid"],
+                    "precision": m["precision"], "recall": m["recall"],
+                    "ms_per_image": 1e3 * seconds / args.num_samples, "machine": _machine(device)})
             _summarise(res)
             write(res, out)  # after every setting
             print(f"{sampler:6s} {steps:4d} steps: FID {m['fid']:.2f}, {1e3 * seconds / args.num_samples:.1f} ms/image",

@@ -45,3 +45,27 @@ def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
     assert [(r["sampler"], r["steps"]) for r in again["runs"]] == [("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20)]
     assert again["runs"][0] == res["runs"][0] and again["runs"][2] == res["runs"][1]
     assert "Not measured yet: ddpm 50, ddpm 250, ddim 50" in (tmp_path / "o" / "bench_samplers.md").read_text()
+    # killed right after its first new setting (DDPM-50 comes first in the grid), the file still has every
+    # earlier result, in the table's order
+    import json
+
+    import pytest
+
+    real_write = bench_samplers.write
+
+    def write_then_die(res, out):
+        real_write(res, out)
+        raise KeyboardInterrupt
+
+    bench_samplers.write = write_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
+                                 "--batch-size", "6", "--max-steps", "50", "--device", "cpu",
+                                 "--out", str(tmp_path / "o")])
+    finally:
+        bench_samplers.write = real_write
+    kept = json.loads((tmp_path / "o" / "bench_samplers.json").read_text())["runs"]
+    assert [(r["sampler"], r["steps"]) for r in kept] == [("ddpm", 50), ("ddim", 10), ("ddim", 20), ("dpm++", 10),
+                                                         ("dpm++", 20)]
+    assert kept[1:] == again["runs"]
