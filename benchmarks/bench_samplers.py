@@ -25,6 +25,7 @@ from switch_dit.evaluate.run import reference_features, score  # noqa: E402
 from switch_dit.sample import load_model_for_sampling, resolve_pretrained, sample_images  # noqa: E402
 
 GRID = {"ddpm": (50, 250), "ddim": (10, 20, 50, 250), "dpm++": (10, 20, 50, 250)}
+ORDER = [(k, s) for k, v in GRID.items() for s in v]  # (sampler, steps), the order of the table
 
 
 def _sha256(path: str) -> str:
@@ -61,15 +62,11 @@ def run(args) -> dict:
     previous = json.loads((out / "bench_samplers.json").read_text()) if (out / "bench_samplers.json").exists() else {}
     done = {(r["sampler"], r["steps"]): r for r in previous.get("runs", [])} \
         if all(previous.get(k) == res[k] for k in SAME_RUN) else {}
-    order = [(k, s) for k, v in GRID.items() for s in v]  # the table's order, whatever is measured first
-
     def record(run: dict) -> None:
         done[(run["sampler"], run["steps"])] = run
-        res["runs"] = [done[key] for key in order if key in done]
+        res["runs"] = [done[key] for key in ORDER if key in done]  # the table's order, whatever is measured first
 
-    record_all = list(done.values())
-    for r in record_all:
-        record(r)  # every earlier result is in the file from the start: a run killed midway loses none
+    res["runs"] = [done[key] for key in ORDER if key in done]  # earlier results from the start: a kill loses none
     for sampler, steps_list in grid.items():
         for steps in steps_list:
             if (sampler, steps) in done:
@@ -126,8 +123,7 @@ def write(res: dict, out: Path) -> None:
              "| sampler | steps | FID | precision | recall | ms / image | measured on |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['steps']} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
               f"{r['ms_per_image']:.1f} | {r.get('machine', '')} |" for r in res["runs"]]
-    missing = [f"{k} {s}" for k, v in GRID.items() for s in v if not any(
-        r["sampler"] == k and r["steps"] == s for r in res["runs"])]
+    missing = [f"{k} {s}" for k, s in ORDER if not any(r["sampler"] == k and r["steps"] == s for r in res["runs"])]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)} (rerunning the command adds them)."]
     if "dpm20_vs_ddpm250" in res:

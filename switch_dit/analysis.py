@@ -145,18 +145,14 @@ def routing_summary(pattern: np.ndarray, num_experts: int) -> dict:
             "blocks_with_a_shared_expert": sum(bool(b["shared_experts"]) for b in blocks), "blocks": blocks}
 
 
-def routing_record(model: DiT) -> dict:
-    """routing_summary of the learned map plus how closely it follows the diffusion prior (the fraction of
-    (timestep, slot) entries equal to the prior table matched to the learned slots): a compact, JSON-able
-    description of one trained model's routing, for comparing runs."""
-    pattern = task_expert_map(model)
+def routing_record(model: DiT, pattern: np.ndarray | None = None) -> dict:
+    """routing_summary of the learned map (task_expert_map(model) unless given) plus how closely it follows the
+    diffusion prior (the fraction of (timestep, slot) entries equal to the prior table matched to the learned
+    slots): a compact, JSON-able description of one trained model's routing, for comparing runs."""
+    pattern = task_expert_map(model) if pattern is None else pattern
     summary = routing_summary(pattern, model.switch_routers[0].num_experts)
-    summary["prior_agreement"] = _prior_agreement(model, pattern)
+    summary["prior_agreement"] = float((pattern == matched_prior_table(model, pattern)).mean())
     return summary
-
-
-def _prior_agreement(model: DiT, pattern: np.ndarray) -> float:
-    return float((pattern == matched_prior_table(model, pattern)).mean())
 
 
 def analyze(model: DiT, out_dir) -> dict:
@@ -170,7 +166,6 @@ def analyze(model: DiT, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pattern = task_expert_map(model)
-    M = model.switch_routers[0].num_experts
     save_figure(routing_figure(model), out / "task_expert_map.png")
     save_png(routing_map_image(model), out / "task_expert_map_raw.png")  # one pixel row per timestep
     save_figure(affinity_figure(task_affinity(pattern), "task-task affinity of the learned routing"),
@@ -178,8 +173,7 @@ def analyze(model: DiT, out_dir) -> dict:
     prior = model.prior.table.cpu().numpy()
     save_figure(affinity_figure(task_affinity(prior), "task-task affinity of the diffusion prior"),
                 out / "prior_affinity.png")
-    summary = routing_summary(pattern, M)
-    summary["prior_agreement"] = _prior_agreement(model, pattern)
+    summary = routing_record(model, pattern)
     summary["files"] = {k: str(out / f"{k}.png") for k in ("task_expert_map", "task_affinity", "prior_affinity")}
     (out / "routing.json").write_text(json.dumps(summary, indent=1))
     return summary
