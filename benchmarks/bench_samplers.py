@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from switch_dit.evaluate.features import ClassifierExtractor  # noqa: E402
 from switch_dit.evaluate.run import reference_features, score  # noqa: E402
-from switch_dit.sample import load_model_for_sampling, resolve_pretrained, sample_images  # noqa: E402
+from switch_dit.sample import (compile_for_sampling, load_model_for_sampling, resolve_pretrained,  # noqa: E402
+                               sample_images)
 
 GRID = {"ddpm": (50, 250), "ddim": (10, 20, 50, 250), "dpm++": (10, 20, 50, 250)}
 ORDER = [(k, s) for k, v in GRID.items() for s in v]  # (sampler, steps), the order of the table
@@ -59,6 +60,8 @@ def run(args) -> dict:
     model, cfg, step = load_model_for_sampling(source)
     device = torch.device(args.device)
     model.to(device)
+    if args.compile:
+        compile_for_sampling(model)  # same float32 math, fused: about 1.3x on this CPU
     cfg.cfg_scale = args.cfg_scale
     extractor = ClassifierExtractor(str(device))
     ref, _, _ = reference_features(extractor, "fashion-mnist", args.data_path, "test", cfg.image_size, None)
@@ -91,7 +94,8 @@ def run(args) -> dict:
         calls = steps  # one model call per step for all three
         record({"sampler": sampler, "steps": steps, "model_calls": calls, "fid": m["fid"],
                 "precision": m["precision"], "recall": m["recall"],
-                "ms_per_image": 1e3 * seconds / args.num_samples, "machine": _machine(device)})
+                "ms_per_image": 1e3 * seconds / args.num_samples,
+                "machine": _machine(device) + (", compiled" if args.compile else "")})
         _summarise(res)
         write(res, out)  # after every setting
         print(f"{sampler:6s} {steps:4d} steps: FID {m['fid']:.2f}, {1e3 * seconds / args.num_samples:.1f} ms/image",
@@ -153,6 +157,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-steps", type=int, default=250, help="skip settings with more steps (quick checks)")
     ap.add_argument("--only", nargs="+", metavar="SAMPLER:STEPS",
                     help="measure just these settings, in this order (e.g. ddpm:250 dpm++:250)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward (times include compiling)")
     ap.add_argument("--data-path", help="Fashion-MNIST folder (default: the Debian package's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="docs/results/samplers")

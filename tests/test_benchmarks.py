@@ -69,13 +69,13 @@ def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
     assert [(r["sampler"], r["steps"]) for r in kept] == [("ddpm", 50), ("ddim", 10), ("ddim", 20), ("dpm++", 10),
                                                          ("dpm++", 20)]
     assert kept[1:] == again["runs"]
-    # --only measures just the settings named, in the order given, and keeps the rest
+    # --only measures just the settings named, in the order given, and keeps the rest; --compile says so per row
     only = bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
-                                "--batch-size", "6", "--only", "dpm++:50", "--device", "cpu",
+                                "--batch-size", "6", "--only", "dpm++:50", "--compile", "--device", "cpu",
                                 "--out", str(tmp_path / "o")])
     assert [(r["sampler"], r["steps"]) for r in only["runs"]] == [("ddpm", 50), ("ddim", 10), ("ddim", 20),
                                                                  ("dpm++", 10), ("dpm++", 20), ("dpm++", 50)]
-    assert only["runs"][:5] == kept
+    assert only["runs"][:5] == kept and only["runs"][5]["machine"].endswith(", compiled")
     with pytest.raises(SystemExit, match="not a setting of the grid.*dpm\\+\\+:250"):
         bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--only", "dpm++:30",
                              "--device", "cpu", "--out", str(tmp_path / "o")])
