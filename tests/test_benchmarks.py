@@ -28,29 +28,35 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
 
 
 def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
+    import json
+
     import bench_samplers
+    import pytest
 
     from tests.helpers import TINY, run_cli
 
     run = tmp_path / "run"
     assert run_cli("train", *TINY, "--max-steps", 1, "--ckpt-every", 1, "--results-dir", run) == 0
-    res = bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
-                               "--batch-size", "6", "--max-steps", "10", "--device", "cpu", "--out", str(tmp_path / "o")])
-    assert {(r["sampler"], r["steps"]) for r in res["runs"]} == {("ddim", 10), ("dpm++", 10)}
+    out = tmp_path / "o"
+
+    def bench(*args):
+        return bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
+                                    "--batch-size", "6", "--device", "cpu", "--out", str(out), *args])
+
+    def settings(runs):
+        return [(r["sampler"], r["steps"]) for r in runs]
+
+    res = bench("--max-steps", "10")
+    assert settings(res["runs"]) == [("ddim", 10), ("dpm++", 10)]
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 for r in res["runs"])
-    assert (tmp_path / "o" / "fid_vs_steps.png").is_file() and "| dpm++ | 10 |" in (tmp_path / "o" / "bench_samplers.md").read_text()
+    assert (out / "fid_vs_steps.png").is_file() and "| dpm++ | 10 |" in (out / "bench_samplers.md").read_text()
     # a rerun with more steps keeps what was measured and adds the rest
-    again = bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
-                                 "--batch-size", "6", "--max-steps", "20", "--device", "cpu", "--out", str(tmp_path / "o")])
-    assert [(r["sampler"], r["steps"]) for r in again["runs"]] == [("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20)]
+    again = bench("--max-steps", "20")
+    assert settings(again["runs"]) == [("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20)]
     assert again["runs"][0] == res["runs"][0] and again["runs"][2] == res["runs"][1]
-    assert "Not measured yet: ddpm 50, ddpm 250, ddim 50" in (tmp_path / "o" / "bench_samplers.md").read_text()
+    assert "Not measured yet: ddpm 50, ddpm 250, ddim 50" in (out / "bench_samplers.md").read_text()
     # killed right after its first new setting (DDPM-50 comes first in the grid), the file still has every
     # earlier result, in the table's order
-    import json
-
-    import pytest
-
     real_write = bench_samplers.write
 
     def write_then_die(res, out):
@@ -60,22 +66,15 @@ def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
     bench_samplers.write = write_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
-            bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
-                                 "--batch-size", "6", "--max-steps", "50", "--device", "cpu",
-                                 "--out", str(tmp_path / "o")])
+            bench("--max-steps", "50")
     finally:
         bench_samplers.write = real_write
-    kept = json.loads((tmp_path / "o" / "bench_samplers.json").read_text())["runs"]
-    assert [(r["sampler"], r["steps"]) for r in kept] == [("ddpm", 50), ("ddim", 10), ("ddim", 20), ("dpm++", 10),
-                                                         ("dpm++", 20)]
+    kept = json.loads((out / "bench_samplers.json").read_text())["runs"]
+    assert settings(kept) == [("ddpm", 50), ("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20)]
     assert kept[1:] == again["runs"]
     # --only measures just the settings named, in the order given, and keeps the rest; --compile says so per row
-    only = bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--num-samples", "12",
-                                "--batch-size", "6", "--only", "dpm++:50", "--compile", "--device", "cpu",
-                                "--out", str(tmp_path / "o")])
-    assert [(r["sampler"], r["steps"]) for r in only["runs"]] == [("ddpm", 50), ("ddim", 10), ("ddim", 20),
-                                                                 ("dpm++", 10), ("dpm++", 20), ("dpm++", 50)]
+    only = bench("--only", "dpm++:50", "--compile")
+    assert settings(only["runs"]) == settings(kept) + [("dpm++", 50)]
     assert only["runs"][:5] == kept and only["runs"][5]["machine"].endswith(", compiled")
     with pytest.raises(SystemExit, match="not a setting of the grid.*dpm\\+\\+:250"):
-        bench_samplers.main(["--ckpt", str(run / "checkpoints" / "step_0000001.pt"), "--only", "dpm++:30",
-                             "--device", "cpu", "--out", str(tmp_path / "o")])
+        bench("--only", "dpm++:30")
