@@ -52,7 +52,8 @@ def _setting(text: str) -> tuple[str, int]:
     return sampler, int(steps)
 
 
-SAME_RUN = ("model", "sha256", "num_samples", "cfg_scale")  # a rerun reuses settings measured under these
+SAME_RUN = ("model", "sha256", "num_samples", "cfg_scale", "seed_base")  # a rerun reuses settings measured under these
+SEED_BASE = 12345  # sample i has seed SEED_BASE + i (files written before --seed-base existed used it)
 
 
 def run(args) -> dict:
@@ -69,12 +70,13 @@ def run(args) -> dict:
     if args.only:
         todo = [_setting(x) for x in args.only]  # in the order given: the most wanted first in a short sitting
     res = {"model": source, "sha256": _sha256(resolve_pretrained(source)), "step": step,
-           "num_samples": args.num_samples, "cfg_scale": args.cfg_scale,
+           "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "seed_base": args.seed_base,
            "reference": "Fashion-MNIST test set (10,000), bundled classifier features", "runs": []}
     # Resumable: settings already measured on this model with these samples are kept (a long CPU run can be
     # spread over several sittings); each result says on which machine its time was measured.
     out = Path(args.out)
     previous = json.loads((out / "bench_samplers.json").read_text()) if (out / "bench_samplers.json").exists() else {}
+    previous.setdefault("seed_base", SEED_BASE)
     done = {(r["sampler"], r["steps"]): r for r in previous.get("runs", [])} \
         if all(previous.get(k) == res[k] for k in SAME_RUN) else {}
     def record(run: dict) -> None:
@@ -88,7 +90,7 @@ def run(args) -> dict:
         cfg.sampler, cfg.num_sampling_steps = sampler, steps
         t0 = time.perf_counter()
         images = sample_images(model, cfg, args.num_samples, device, batch_size=args.batch_size,
-                               seed_base=12345)
+                               seed_base=args.seed_base)
         seconds = time.perf_counter() - t0
         m = score(images, extractor, ref)
         calls = steps  # one model call per step for all three
@@ -132,9 +134,9 @@ def write(res: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "fid_vs_steps.png", dpi=120)
     plt.close(fig)
-    lines = [f"Samplers on {res['model']} (step {res['step']}): {res['num_samples']} samples, the same seeds and "
-             f"labels for all, guidance {res['cfg_scale']}; FID from the bundled classifier's features against "
-             "the Fashion-MNIST test set.", "",
+    lines = [f"Samplers on {res['model']} (step {res['step']}): {res['num_samples']} samples, the same seeds "
+             f"({res.get('seed_base', SEED_BASE)} + i) and labels (i % 10) for all, guidance {res['cfg_scale']}; "
+             "FID from the bundled classifier's features against the Fashion-MNIST test set.", "",
              "| sampler | steps | FID | precision | recall | ms / image | measured on |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['steps']} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
               f"{r['ms_per_image']:.1f} | {r.get('machine', '')} |" for r in res["runs"]]
@@ -154,6 +156,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-samples", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--cfg-scale", type=float, default=1.5)
+    ap.add_argument("--seed-base", type=int, default=SEED_BASE,
+                    help="sample i has seed SEED_BASE + i; another value (and --out) measures FID's seed noise")
     ap.add_argument("--max-steps", type=int, default=250, help="skip settings with more steps (quick checks)")
     ap.add_argument("--only", nargs="+", metavar="SAMPLER:STEPS",
                     help="measure just these settings, in this order (e.g. ddpm:250 dpm++:250)")

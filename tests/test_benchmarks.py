@@ -76,5 +76,14 @@ def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
     only = bench("--only", "dpm++:50", "--compile")
     assert settings(only["runs"]) == settings(kept) + [("dpm++", 50)]
     assert only["runs"][:5] == kept and only["runs"][5]["machine"].endswith(", compiled")
+    # a file from before --seed-base (no seed_base key) was measured with the default seeds: still reused
+    old = json.loads((out / "bench_samplers.json").read_text())
+    del old["seed_base"]
+    (out / "bench_samplers.json").write_text(json.dumps(old))
+    assert bench("--only", "dpm++:50")["runs"] == only["runs"]
+    # other seeds are another measurement: nothing reused, the FID differs
+    other = bench("--max-steps", "10", "--seed-base", "7")
+    assert settings(other["runs"]) == [("ddim", 10), ("dpm++", 10)] and other["runs"][0]["fid"] != res["runs"][0]["fid"]
+    assert "the same seeds (7 + i)" in (out / "bench_samplers.md").read_text()
     with pytest.raises(SystemExit, match="not a setting of the grid.*dpm\\+\\+:250"):
         bench("--only", "dpm++:30")
