@@ -135,7 +135,7 @@ def write(res: dict, out: Path) -> None:
     fig.savefig(out / "fid_vs_steps.png", dpi=120)
     plt.close(fig)
     lines = [f"Samplers on {res['model']} (step {res['step']}): {res['num_samples']} samples, the same seeds "
-             f"({res.get('seed_base', SEED_BASE)} + i) and labels (i % 10) for all, guidance {res['cfg_scale']}; "
+             f"({res['seed_base']} + i) and labels (i % 10) for all, guidance {res['cfg_scale']}; "
              "FID from the bundled classifier's features against the Fashion-MNIST test set.", "",
              "| sampler | steps | FID | precision | recall | ms / image | measured on |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['steps']} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
