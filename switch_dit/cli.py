@@ -214,7 +214,7 @@ def _compare(args) -> int:
     res = run_comparison(args.out, size=args.size, patch=args.patch, seeds=args.seeds, max_steps=args.max_steps,
                          eval_every=args.eval_every, num_samples=args.num_samples, cfg_scale=args.cfg_scale,
                          overrides=overrides, progress=not args.no_progress,
-                         command="switch-dit " + " ".join(args.argv))
+                         command="switch-dit " + " ".join(args.argv), variants=args.variants, reuse=args.reuse)
     print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({len(res['runs'])} runs)")
     return 0
 
@@ -333,8 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=_analyze)
 
-    p = sub.add_parser("compare", help="DiT vs DTR vs Switch-DiT: same size, seed, data order and budget; report")
+    p = sub.add_parser("compare", help="DiT vs DTR vs Switch-DiT (or any --variants): same size, seed, data order "
+                                       "and budget; report")
     p.add_argument("--out", default="results/compare", help="report folder (rerunning resumes)")
+    p.add_argument("--variants", nargs="+", default=["DiT", "DTR", "Switch-DiT"], metavar="SPEC",
+                   help="variant specs NAME[:option=value,...], NAME one of DiT, DTR, Switch-DiT, TC-MoE, EC-MoE; "
+                        "options are train options (e.g. Switch-DiT:lambda_dp=0 TC-MoE:moe_experts=16) "
+                        "(default: DiT DTR Switch-DiT)")
+    p.add_argument("--reuse", metavar="DIR", help="an earlier comparison whose finished runs with the same config and "
+                   "evaluation are taken over once their first 100 steps retrain bit-identically here")
     p.add_argument("--size", default="XS")
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

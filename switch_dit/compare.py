@@ -1,6 +1,7 @@
-"""The paper's comparison at small scale: DiT vs DTR vs Switch-DiT, same size, seed, data order and budget.
+"""The paper's comparison at small scale: DiT vs DTR vs Switch-DiT (or any variant specs, such as
+``Switch-DiT:lambda_dp=0`` or the token-routed ``TC-MoE`` and ``EC-MoE``), same size, seed, data order and budget.
 
-Only the routing differs between the three runs. FID / IS / precision / recall use the bundled
+Only the routing differs between the runs. FID / IS / precision / recall use the bundled
 Fashion-MNIST classifier's features (not comparable with Inception-based numbers) at several checkpoints.
 """
 from __future__ import annotations
@@ -12,10 +13,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PRESETS, Config
+from .config import PRESETS, Config, _coerce
 from .flops import forward_gflops
 
-VARIANTS = ("DiT", "DTR", "Switch-DiT")
+VARIANTS = ("DiT", "DTR", "Switch-DiT")  # the paper's comparison: the default
+# Options a spec may not set: the comparison itself decides them for every run alike.
+_FIXED = ("model", "global_seed", "results_dir", "resume", "max_steps", "ckpt_every", "keep_last", "sample_every",
+          "time_budget", "data", "data_path", "image_size", "objective", "sampler", "num_sampling_steps", "cfg_scale")
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict]:
+    """'Switch-DiT:lambda_dp=0,top_k=1' -> (label, variant, {option: value}); options are Config fields (dashes
+    or underscores), checked and typed here, so that a typo fails before any training."""
+    from dataclasses import fields
+
+    from .models.dit import VARIANTS as KNOWN
+
+    name, _, opts = spec.partition(":")
+    if name not in KNOWN:
+        raise ValueError(f"unknown variant {name!r} in {spec!r}: expected one of {', '.join(KNOWN)}, optionally "
+                         "followed by :option=value,... (e.g. Switch-DiT:lambda_dp=0)")
+    by_name = {f.name: f for f in fields(Config)}
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in by_name:
+            raise ValueError(f"variant {spec!r}: {item!r} is not option=value with a known option "
+                             "(the names of 'switch-dit train --help', e.g. lambda_dp=0)")
+        if key in _FIXED:
+            raise ValueError(f"variant {spec!r}: {key} is set by the comparison for every run alike; use the "
+                             f"compare flag instead")
+        options[key] = _coerce(by_name[key], value.strip())
+    label = name + (":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+                    if options else "")
+    return label, name, options
+
+
+def _run_name(label: str) -> str:
+    """A folder name for a variant label: 'Switch-DiT:lambda_dp=0' -> 'Switch-DiT_lambda_dp=0'."""
+    return label.replace(":", "_").replace(",", "_").replace("/", "-")
+
+
+def label_of(rec: dict) -> str:
+    """The variant label of a run record (records written before variant specs: the model name's variant)."""
+    return rec.get("variant") or rec["model"].rsplit("-", 1)[0]
 
 
 def _evaluate_checkpoint(path: Path, extractor, ref_feats, num_samples: int, cfg_scale: float, batch: int) -> dict:
@@ -33,13 +75,25 @@ def _evaluate_checkpoint(path: Path, extractor, ref_feats, num_samples: int, cfg
 
 def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), max_steps: int | None = None,
                    eval_every: int | None = None, num_samples: int = 1000, cfg_scale: float = 1.5,
-                   overrides: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
-    """Train the three variants for each seed (resumable: finished runs are reused), evaluate, write a report."""
+                   overrides: dict | None = None, progress: bool = True, command: str | None = None,
+                   variants=VARIANTS, reuse: str | None = None, reuse_check_steps: int = 100) -> dict:
+    """Train each variant for each seed (resumable: finished runs are reused), evaluate, write a report.
+
+    variants: specs 'NAME[:option=value,...]' (parse_variant). reuse: another comparison's folder whose finished
+    runs with exactly this run's config and evaluation settings are taken over instead of retrained, once their
+    first ``reuse_check_steps`` steps retrain to bit-identical logged losses here."""
     from .evaluate.features import ClassifierExtractor
     from .evaluate.run import reference_features
-    from .train import train
 
+    specs = [parse_variant(v) for v in variants]
+    labels = [label for label, _, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--variants names a variant twice: {' '.join(labels)}")
+    if reuse is not None and not (Path(reuse) / "results.json").is_file():
+        raise ValueError(f"--reuse {reuse}: no results.json there; give the folder of an earlier comparison")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     base = dict(PRESETS["cpu-fashion"], time_budget=0.0)  # the same step count for every run, on any machine
     if (overrides or {}).get("objective") == "flow":
@@ -56,40 +110,138 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
                          "cfg_scale": cfg_scale, "eval_every": eval_every}
+    if list(labels) != list(VARIANTS):
+        results["config"]["variants"] = labels
     if command:
         results["command"] = command
     for seed in seeds:
-        for variant in VARIANTS:
+        for label, variant, options in specs:
             name = f"{variant}-{size}/{patch}"
-            key = f"{variant}/seed{seed}"
-            run_dir = out / "runs" / f"{variant}_seed{seed}"
-            cfg = Config(**{**base, "model": name, "global_seed": seed, "results_dir": str(run_dir),
+            key = f"{label}/seed{seed}"
+            run_dir = out / "runs" / f"{_run_name(label)}_seed{seed}"
+            cfg = Config(**{**base, **options, "model": name, "global_seed": seed, "results_dir": str(run_dir),
                             "ckpt_every": eval_every, "keep_last": 1000, "sample_every": 0, "resume": "auto"})
+            cfg.validate()
+            rec = results["runs"].get(key)
+            if rec is None and reuse is not None:
+                rec = _reuse_run(Path(reuse), key, label, seed, cfg, results["config"], run_dir, reuse_check_steps)
+                if rec is not None:
+                    results["runs"][key] = rec
+                    _copy_pictures(Path(reuse), label, out, seed == seeds[0])
             rec = results["runs"].setdefault(key, {"model": name, "seed": seed, "evals": {}})
-            if rec.get("finished_step") != cfg.max_steps:
-                t0 = time.time()
-                summary = train(cfg, progress=progress)
-                rec["train_seconds"] = rec.get("train_seconds", 0.0) + time.time() - t0
-                rec["params_m"] = sum(p.numel() for p in summary["model"].parameters()) / 1e6
-                rec["finished_step"] = summary["step"]
-            rec["gflops"] = forward_gflops(name, cfg.image_size, 1, 10, top_k=cfg.top_k, num_experts=cfg.num_experts)
-            for ckpt in sorted((run_dir / "checkpoints").glob("step_*.pt")):
-                step = str(int(ckpt.stem.split("_")[1]))
-                if int(step) % eval_every and int(step) != cfg.max_steps:
-                    continue  # a checkpoint off the evaluation grid (e.g. of an earlier, finer setting)
-                if step not in rec["evals"]:
-                    rec["evals"][step] = _evaluate_checkpoint(ckpt, extractor, ref_feats, num_samples, cfg_scale, 100)
-                    results_path.write_text(json.dumps(results, indent=1))
-            final = run_dir / "checkpoints" / f"step_{cfg.max_steps:07d}.pt"
-            if variant == "Switch-DiT" and "routing" not in rec and final.is_file():
-                rec["routing"] = _routing(final)  # every seed's map, so the report can say what is stable
+            rec.update(variant=label, options=options)
+            _train_and_evaluate(rec, cfg, run_dir, eval_every, extractor, ref_feats, num_samples, cfg_scale,
+                                results, results_path, progress)
             results_path.write_text(json.dumps(results, indent=1))
-            if seed == seeds[0] and not (out / f"{variant}_grid.png").exists():
-                _pictures(run_dir, variant, out, cfg)
+            if seed == seeds[0] and not (out / f"{_run_name(label)}_grid.png").exists() and \
+                    list((run_dir / "checkpoints").glob("step_*.pt")):
+                _pictures(run_dir, _run_name(label), out, cfg)
         write_report(results, out)  # after every seed: a long comparison has a report all along
     results_path.write_text(json.dumps(results, indent=1))
     write_report(results, out)
     return results
+
+
+def _train_and_evaluate(rec: dict, cfg: Config, run_dir: Path, eval_every: int, extractor, ref_feats,
+                        num_samples: int, cfg_scale: float, results: dict, results_path: Path, progress: bool) -> None:
+    from .factory import model_options
+    from .train import train
+
+    if rec.get("finished_step") != cfg.max_steps:
+        t0 = time.time()
+        summary = train(cfg, progress=progress)
+        rec["train_seconds"] = rec.get("train_seconds", 0.0) + time.time() - t0
+        rec["params_m"] = sum(p.numel() for p in summary["model"].parameters()) / 1e6
+        rec["finished_step"] = summary["step"]
+    opts = model_options(cfg)
+    rec["gflops"] = forward_gflops(cfg.model, cfg.image_size, 1, 10, **opts)
+    rec["active_params_m"] = active_parameters(cfg) / 1e6
+    for ckpt in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+        step = str(int(ckpt.stem.split("_")[1]))
+        if int(step) % eval_every and int(step) != cfg.max_steps:
+            continue  # a checkpoint off the evaluation grid (e.g. of an earlier, finer setting)
+        if step not in rec["evals"]:
+            rec["evals"][step] = _evaluate_checkpoint(ckpt, extractor, ref_feats, num_samples, cfg_scale, 100)
+            results_path.write_text(json.dumps(results, indent=1))
+    final = run_dir / "checkpoints" / f"step_{cfg.max_steps:07d}.pt"
+    if "routing" not in rec and final.is_file():
+        routing = _routing(final, cfg)  # every seed's map, so the report can say what is stable
+        if routing is not None:
+            rec["routing"] = routing
+
+
+def active_parameters(cfg: Config) -> int:
+    """Parameters that act on one token: all of them, less the routed experts a token does not use (TC-MoE: all
+    but top-k; EC-MoE: all but capacity-factor of them, on average)."""
+    from .factory import model_options
+    from .models import create_model
+
+    with torch.device("meta"):
+        model = create_model(cfg.model, input_size=cfg.image_size, in_channels=1, num_classes=10,
+                             learn_sigma=cfg.learn_sigma and cfg.objective == "ddpm", **model_options(cfg))
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.mixtures:
+        per_expert = sum(p[0].numel() for p in m.experts.parameters())
+        total -= round((m.num_experts - cfg.moe_top_k) * per_expert)
+    return total
+
+
+def _reuse_run(src: Path, key: str, label: str, seed: int, cfg: Config, compare_cfg: dict, run_dir: Path,
+               check_steps: int) -> dict | None:
+    """Take over a finished run of another comparison when it is this run: the same training config (all but its
+    folder), the same evaluation settings, and its first ``check_steps`` steps retrain here to bit-identical
+    logged losses. Prints why not, otherwise."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from .integrations import read_metrics
+    from .train import train
+
+    theirs = json.loads((src / "results.json").read_text())
+    rec = theirs["runs"].get(key)
+    src_run = src / "runs" / f"{_run_name(label)}_seed{seed}"
+    if rec is None or rec.get("finished_step") != cfg.max_steps or not (src_run / "config.yaml").is_file():
+        return None
+    say = lambda why: print(f"[switch-dit] not reusing {src_run}: {why}", flush=True)  # noqa: E731
+    evaluation = ("num_samples", "cfg_scale", "eval_every", "sampler", "num_sampling_steps", "size", "patch")
+    diff = [k for k in evaluation if theirs["config"].get(k) != compare_cfg.get(k)]
+    if diff:
+        return say(f"evaluated with other settings ({', '.join(diff)})")
+    saved = yaml.safe_load((src_run / "config.yaml").read_text())
+    defaults, ours = dataclasses.asdict(Config()), dataclasses.asdict(cfg)
+    diff = [k for k in ours if k not in ("results_dir", "resume") and saved.get(k, defaults[k]) != ours[k]]
+    if diff:
+        return say(f"trained with other options ({', '.join(diff)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = dataclasses.replace(cfg, results_dir=tmp, max_steps=check_steps, resume=None, tensorboard=False,
+                                    log_every=min(cfg.log_every, check_steps))
+        train(probe, progress=False)
+        mine = {m["step"]: m for m in read_metrics(str(Path(tmp) / "metrics.jsonl"))}
+    old = {m["step"]: m for m in read_metrics(str(src_run / "metrics.jsonl")) if m["step"] in mine}
+    keys = ("train/loss", "train/mse")
+    if not old or any(old.get(s, {}).get(k) != mine[s][k] for s in mine for k in keys):
+        return say(f"its first {check_steps} steps do not retrain bit-identically here")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "config.yaml"):
+        shutil.copy(src_run / f, run_dir / f)
+    print(f"[switch-dit] reusing {src_run}: same config and evaluation, first {check_steps} steps bit-identical",
+          flush=True)
+    return {**rec, "reused_from": str(src_run), "reuse_check_steps": check_steps}
+
+
+def _copy_pictures(src: Path, label: str, out: Path, first_seed: bool) -> None:
+    import shutil
+
+    if not first_seed:
+        return
+    for f in src.glob(f"{_run_name(label)}_*.png"):
+        if f.stem.split("_", 1)[1] in ("grid", "routing_map", "routing_affinity"):
+            shutil.copy(f, out / f.name)
+    if (src / f"{_run_name(label)}_analysis").is_dir():
+        shutil.copytree(src / f"{_run_name(label)}_analysis", out / f"{_run_name(label)}_analysis", dirs_exist_ok=True)
 
 
 def _pictures(run_dir: Path, variant: str, out: Path, cfg: Config) -> None:
@@ -109,13 +261,16 @@ def _pictures(run_dir: Path, variant: str, out: Path, cfg: Config) -> None:
         shutil.copy(summary["files"]["task_affinity"], out / f"{variant}_routing_affinity.png")
 
 
-def _routing(ckpt: Path) -> dict:
-    """The final EMA model's routing summary (shared/unused experts, switch timesteps, agreement with the prior)."""
+def _routing(ckpt: Path, cfg: Config) -> dict | None:
+    """The final EMA model's routing summary: Switch-DiT's (shared/unused experts, switch timesteps, agreement
+    with the prior); None for models without learned routing."""
     from .analysis import routing_record
     from .sample import load_model_for_sampling
 
     model, _, _ = load_model_for_sampling(str(ckpt))
-    return routing_record(model)
+    if model.prior is not None:
+        return routing_record(model)
+    return None
 
 
 def routing_lines(results: dict) -> list[str]:
@@ -150,7 +305,7 @@ def _aggregate(results: dict) -> dict:
     """variant -> step -> metric -> (mean, std) over seeds."""
     agg: dict = {}
     for rec in results["runs"].values():
-        variant = rec["model"].rsplit("-", 1)[0]
+        variant = label_of(rec)
         for step, ev in rec["evals"].items():
             for m in ("fid", "is_mean", "precision", "recall"):
                 agg.setdefault(variant, {}).setdefault(int(step), {}).setdefault(m, []).append(ev[m])
@@ -164,8 +319,8 @@ def _loss_curves(results: dict, out: Path, key: str = "train/mse") -> dict:
 
     curves: dict = {}
     for rec in results["runs"].values():
-        variant = rec["model"].rsplit("-", 1)[0]
-        path = out / "runs" / f"{variant}_seed{rec['seed']}" / "metrics.jsonl"
+        variant = label_of(rec)
+        path = out / "runs" / f"{_run_name(variant)}_seed{rec['seed']}" / "metrics.jsonl"
         if not path.is_file():
             continue
         pts = {m["step"]: m[key] for m in read_metrics(str(path)) if key in m}
@@ -192,7 +347,7 @@ def _paired(results: dict, a: str, b: str, step: int) -> tuple[list[float], list
     """FIDs of variants a and b at a step, for the seeds both have (the runs share seed and data order)."""
     fa, fb = {}, {}
     for rec in results["runs"].values():
-        v = rec["model"].rsplit("-", 1)[0]
+        v = label_of(rec)
         ev = rec["evals"].get(str(step))
         if ev is not None and v in (a, b):
             (fa if v == a else fb)[rec["seed"]] = ev["fid"]
@@ -245,15 +400,15 @@ def write_report(results: dict, out: Path) -> Path:
     target = "velocity" if cfg.get("objective") == "flow" else "eps term"  # what the logged MSE is of
     asked = cfg.get("seeds", [0])
     # Only seeds whose three runs are finished and evaluated enter the report (a long comparison reports as it goes).
-    finished = {(rec["model"].rsplit("-", 1)[0], rec["seed"]) for rec in results["runs"].values()
+    finished = {(label_of(rec), rec["seed"]) for rec in results["runs"].values()
                 if rec.get("finished_step") == cfg.get("max_steps") and rec.get("evals")}
-    seeds = [s for s in asked if all((v, s) in finished for v in VARIANTS)] or asked
+    seeds = [s for s in asked if all((v, s) in finished for v in cfg.get("variants", VARIANTS))] or asked
     results = {**results, "runs": {k: r for k, r in results["runs"].items() if r["seed"] in seeds}}
     agg = _aggregate(results)
     runs = results["runs"]
     info = {}
     for rec in runs.values():
-        v = rec["model"].rsplit("-", 1)[0]
+        v = label_of(rec)
         i = info.setdefault(v, {"params": rec.get("params_m"), "gflops": rec.get("gflops"), "time": []})
         i["time"].append(rec.get("train_seconds", float("nan")))
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -18,6 +19,12 @@ class Config:
     prior_alpha: float = 4.0
     dtr_alpha: float = 4.0
     dtr_beta: float = 0.8
+    moe_experts: int = 8  # TC-MoE / EC-MoE: routed experts per block
+    moe_top_k: int = 2  # TC-MoE: experts per token; EC-MoE: mean experts per token (capacity factor)
+    moe_shared: int = 1  # always-on shared experts (fine-grained width, as the routed ones)
+    moe_capacity_factor: float = 1.25  # TC-MoE in training: slots per expert over the balanced share (0 = dropless)
+    moe_aux_alpha: float = 0.01  # TC-MoE: load-balancing loss weight (DiT-MoE)
+    moe_scope: str = "batch"  # EC-MoE: experts choose among the batch's tokens ("batch") or each sample's ("sample")
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     grad_checkpointing: bool = False
@@ -117,6 +124,16 @@ class Config:
                        (1 <= self.top_k <= self.num_experts,
                         f"--top-k={self.top_k} must be between 1 and --num-experts={self.num_experts}"),
                        (self.lambda_dp >= 0, f"--lambda-dp must be >= 0, got {self.lambda_dp}")]
+        if self.model.startswith(("TC-MoE", "EC-MoE")):
+            checks += [(self.moe_experts >= 1, f"--moe-experts must be >= 1, got {self.moe_experts}"),
+                       (1 <= self.moe_top_k <= self.moe_experts,
+                        f"--moe-top-k={self.moe_top_k} must be between 1 and --moe-experts={self.moe_experts}"),
+                       (self.moe_shared >= 0, f"--moe-shared must be >= 0, got {self.moe_shared}"),
+                       (math.isfinite(self.moe_capacity_factor) and self.moe_capacity_factor >= 0,
+                        f"--moe-capacity-factor must be a finite number >= 0 (0 = dropless), got {self.moe_capacity_factor}"),
+                       (math.isfinite(self.moe_aux_alpha) and self.moe_aux_alpha >= 0,
+                        f"--moe-aux-alpha must be a finite number >= 0, got {self.moe_aux_alpha}"),
+                       (self.moe_scope in ("batch", "sample"), f"--moe-scope must be batch or sample, got {self.moe_scope!r}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -141,7 +158,8 @@ PRESETS: dict[str, dict] = {
 }
 
 ARCH_FIELDS = ("model", "objective", "num_experts", "top_k", "mask_form", "dtr_alpha", "dtr_beta",
-               "class_dropout_prob", "learn_sigma", "diffusion_steps")
+               "class_dropout_prob", "learn_sigma", "diffusion_steps", "moe_experts", "moe_top_k", "moe_shared",
+               "moe_capacity_factor", "moe_aux_alpha", "moe_scope")
 
 
 def _coerce(f, value):

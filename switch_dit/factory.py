@@ -11,7 +11,9 @@ def model_options(cfg: Config) -> dict:
     return dict(class_dropout_prob=cfg.class_dropout_prob, num_experts=cfg.num_experts, top_k=cfg.top_k,
                 lambda_dp=cfg.lambda_dp, prior_alpha=cfg.prior_alpha, prior_seed=cfg.global_seed,
                 mask_form=cfg.mask_form, dtr_alpha=cfg.dtr_alpha, dtr_beta=cfg.dtr_beta,
-                num_timesteps=cfg.diffusion_steps, grad_checkpointing=cfg.grad_checkpointing)
+                num_timesteps=cfg.diffusion_steps, grad_checkpointing=cfg.grad_checkpointing,
+                moe_experts=cfg.moe_experts, moe_top_k=cfg.moe_top_k, moe_shared=cfg.moe_shared,
+                moe_capacity_factor=cfg.moe_capacity_factor, moe_aux_alpha=cfg.moe_aux_alpha, moe_scope=cfg.moe_scope)
 
 
 def build_model(cfg: Config, in_channels: int, input_size: int, num_classes: int) -> DiT:

@@ -10,7 +10,8 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
 
     DiT and Switch-DiT report "GFLOPs" as multiply-accumulates (fvcore's convention: DiT-XL/2 = 118.6),
     so this counts MACs (torch's FLOP count / 2). Switch-DiT here runs the merged experts: one D x D
-    matmul per token and block, fewer than routing each token through k experts."""
+    matmul per token and block, fewer than routing each token through k experts. Token-routed mixtures count
+    their active experts (top-k / capacity factor per token on average)."""
     from .models import create_model
 
     with torch.device("meta"):
@@ -20,6 +21,10 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
         t = torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long)
     model.to("meta")  # buffers made from numpy (positions, tables) too
+    for m in model.mixtures:  # token choice at its active compute: each expert holds exactly its balanced share
+        if hasattr(m, "top_k"):
+            model.train()
+            m.capacity_factor = 1.0
     with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors
         model(x, t, y)
     return counter.get_total_flops() / 2 / 1e9

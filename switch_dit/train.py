@@ -351,7 +351,12 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 means = (_mean_over_ranks(interval_sums) / steps_since).tolist()
                 interval_sums.zero_()
-                vals = dict(zip(("loss", "mse", "vb", "prior_loss"), means))
+                # the aux term is the diffusion prior's (Switch-DiT) or the load-balancing loss (TC-MoE)
+                vals = dict(zip(("loss", "mse", "vb", "balance_loss" if model.mixtures else "prior_loss"), means))
+                if model.mixtures:  # this process's routing counters over the interval (one host read per log)
+                    tokens, computed, dropped, unrouted = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0).tolist()
+                    vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)
+                    vals["moe_tokens_without_routed_expert"] = unrouted / max(tokens, 1.0)
                 now = time.time()
                 vals["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
                 vals["lr"] = lr
@@ -361,7 +366,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 if info.is_main:
                     logger.scalars({f"train/{k}": v for k, v in vals.items()}, step)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{vals['loss']:.4f}", prior=f"{vals['prior_loss']:.4f}",
+                        bar.set_postfix(loss=f"{vals['loss']:.4f}", aux=f"{means[3]:.4f}",
                                         it_s=f"{vals['steps_per_sec']:.2f}")
             if bar is not None:
                 bar.update(1)

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                      get_2d_sincos_pos_embed, modulate)
+from .moe import MIXTURES, ExpertChoiceMoE, TokenChoiceMoE, TokenMixture
 from .prior import DiffusionPrior
 from .routing import ROUTERS, DTRRouter, SwitchRouter
 
@@ -19,40 +20,49 @@ class ModelOutput:
     """What every forward returns, in train and eval mode alike."""
 
     sample: torch.Tensor  # (N, out_channels, H, W): eps prediction, then the variance channels if learned
-    aux_loss: torch.Tensor  # scalar: lambda_dp * prior loss for Switch-DiT in training, else 0
+    aux_loss: torch.Tensor  # scalar, in training: lambda_dp * prior loss (Switch-DiT), the load-balancing loss
+    # (TC-MoE); 0 in eval mode and for the other variants
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block; a router's mask m makes the branches see x*m while x*(1-m) skips to the end."""
+    """adaLN-Zero block; a router's mask m makes the branches see x*m while x*(1-m) skips to the end.
+    ``mlp`` replaces the dense FFN by a token-routed mixture (TC-MoE, EC-MoE), which also returns an aux loss.
+    forward returns (tokens, aux loss or None)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, router: nn.Module | None = None):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, router: nn.Module | None = None,
+                 mlp: TokenMixture | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = mlp if mlp is not None else Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mixture = mlp is not None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.router = router
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, t_index, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, t_index, t_emb: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         mask = None if self.router is None else self.router(x, t_index, t_emb)
         z = x if mask is None else x * mask
         a = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(z), shift_msa, scale_msa))
         h = z + a
-        mlp = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        f = self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        f, aux = f if self.mixture else (f, None)
+        mlp = gate_mlp.unsqueeze(1) * f
         # With a mask, z*(1-m) skips both branches: (z + a + mlp) + x*(1-m) = x + a + mlp.
-        return (h if mask is None else x + a) + mlp
+        return (h if mask is None else x + a) + mlp, aux
 
 
 class DiT(nn.Module):
-    """Diffusion transformer; ``router_factory`` (None for plain DiT) builds each block's router."""
+    """Diffusion transformer; ``router_factory`` (None for plain DiT) builds each block's router and
+    ``mlp_factory`` (None: the dense FFN) each block's token-routed FFN mixture."""
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, router_factory=None,
                  prior: DiffusionPrior | None = None, lambda_dp: float = 1.0, num_timesteps: int = 1000,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, mlp_factory=None):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -72,7 +82,8 @@ class DiT(nn.Module):
         pos = get_2d_sincos_pos_embed(hidden_size, self.x_embedder.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0))
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, router_factory() if router_factory else None)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, router_factory() if router_factory else None,
+                     mlp_factory() if mlp_factory else None)
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -102,6 +113,11 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def mixtures(self) -> list[TokenMixture]:
+        """The token-routed FFN mixtures, one per block (empty for DiT, DTR and Switch-DiT)."""
+        return [b.mlp for b in self.blocks if b.mixture]
 
     @property
     def switch_routers(self) -> list[SwitchRouter]:
@@ -160,16 +176,21 @@ class DiT(nn.Module):
                 t_index = int(ts[0])
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        block_aux = []
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, t_index, t_emb, use_reentrant=False)
+                h, a = checkpoint(block, h, c, t_index, t_emb, use_reentrant=False)
             else:
-                h = block(h, c, t_index, t_emb)
+                h, a = block(h, c, t_index, t_emb)
+            if a is not None:
+                block_aux.append(a)
         out = self.unpatchify(self.final_layer(h, c))
         if use_prior:
             aux = self.lambda_dp * self.prior(prior_target, self.all_gate_logits(t_emb), t_bins)
         else:
             aux = torch.zeros((), device=x.device, dtype=torch.float32)
+        if block_aux:  # the mixtures' load-balancing losses, summed over blocks as DiT-MoE
+            aux = aux + torch.stack(block_aux).float().sum()
         return ModelOutput(sample=out, aux_loss=aux)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
@@ -200,18 +221,19 @@ MODEL_SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
-_NAME = re.compile(r"^(?P<variant>DiT|DTR|Switch-DiT)-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
+VARIANTS = (*ROUTERS, *MIXTURES)  # DiT, DTR, Switch-DiT (routing by timestep), TC-MoE, EC-MoE (by token)
+_NAME = re.compile(r"^(?P<variant>DiT|DTR|Switch-DiT|TC-MoE|EC-MoE)-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
 
 def model_names() -> list[str]:
-    return [f"{v}-{s}/{p}" for v in ROUTERS for s in MODEL_SIZES for p in PATCH_SIZES]
+    return [f"{v}-{s}/{p}" for v in VARIANTS for s in MODEL_SIZES for p in PATCH_SIZES]
 
 
 def parse_model_name(name: str) -> tuple[str, str, int]:
     m = _NAME.match(name)
     if not m or m["size"] not in MODEL_SIZES or int(m["patch"]) not in PATCH_SIZES:
         raise ValueError(f"unknown model name {name!r}: expected VARIANT-SIZE/PATCH with VARIANT in "
-                         f"{list(ROUTERS)}, SIZE in {list(MODEL_SIZES)}, PATCH in {list(PATCH_SIZES)} (e.g. 'Switch-DiT-S/2')")
+                         f"{list(VARIANTS)}, SIZE in {list(MODEL_SIZES)}, PATCH in {list(PATCH_SIZES)} (e.g. 'Switch-DiT-S/2')")
     return m["variant"], m["size"], int(m["patch"])
 
 
@@ -219,8 +241,16 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
                  learn_sigma: bool = True, *, class_dropout_prob: float = 0.1, num_experts: int = 3,
                  top_k: int = 2, lambda_dp: float = 1.0, prior_alpha: float = 4.0, prior_seed: int = 0,
                  mask_form: str = "one_plus", dtr_alpha: float = 4.0, dtr_beta: float = 0.8,
-                 num_timesteps: int = 1000, grad_checkpointing: bool = False) -> DiT:
-    """Build "DiT-S/2", "DTR-B/4", "Switch-DiT-XL/2", ...; options that do not apply to a variant are ignored."""
+                 num_timesteps: int = 1000, grad_checkpointing: bool = False, moe_experts: int = 8,
+                 moe_top_k: int = 2, moe_shared: int = 1, moe_capacity_factor: float = 1.25,
+                 moe_aux_alpha: float = 0.01, moe_scope: str = "batch") -> DiT:
+    """Build "DiT-S/2", "DTR-B/4", "Switch-DiT-XL/2", "TC-MoE-S/2", ...; options that do not apply to a variant
+    are ignored.
+
+    Token-routed variants (moe_*): E = moe_experts fine-grained experts per block, each a GELU FFN of width
+    4D / (moe_top_k + moe_shared), plus moe_shared always-on ones; TC-MoE sends each token to its top
+    moe_top_k (capacity moe_capacity_factor in training, load-balancing loss moe_aux_alpha), EC-MoE lets each
+    expert take moe_top_k * tokens / E tokens of its pool (moe_scope: the batch or each sample)."""
     variant, size, patch = parse_model_name(name)
     depth, hidden, heads = MODEL_SIZES[size]
     if input_size % patch:
@@ -243,7 +273,18 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
     elif variant == "DTR":
         DTRRouter(hidden, num_timesteps, dtr_alpha, dtr_beta)  # validates the options once
         router_factory = lambda: DTRRouter(hidden, num_timesteps, dtr_alpha, dtr_beta)  # noqa: E731
+    mlp_factory = None
+    if variant == "TC-MoE":
+        mlp_factory = lambda: TokenChoiceMoE(hidden, moe_experts, moe_top_k, moe_shared,  # noqa: E731
+                                             moe_capacity_factor, moe_aux_alpha)
+    elif variant == "EC-MoE":
+        if not 1 <= moe_top_k <= moe_experts:
+            raise ValueError(f"moe_top_k must satisfy 1 <= moe_top_k <= moe_experts={moe_experts}, got {moe_top_k}")
+        mlp_factory = lambda: ExpertChoiceMoE(hidden, moe_experts, float(moe_top_k), moe_shared,  # noqa: E731
+                                              moe_scope)
+    if mlp_factory is not None:
+        mlp_factory()  # validates the options once, before the model is built
     return DiT(input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
                num_heads=heads, class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                learn_sigma=learn_sigma, router_factory=router_factory, prior=prior, lambda_dp=lambda_dp,
-               num_timesteps=num_timesteps, grad_checkpointing=grad_checkpointing)
+               num_timesteps=num_timesteps, grad_checkpointing=grad_checkpointing, mlp_factory=mlp_factory)

@@ -1,0 +1,250 @@
+"""Token-routed FFN mixtures that replace a block's MLP: token choice (TC-MoE, as DiT-MoE) and expert choice
+(EC-MoE, as EC-DiT and DiffMoE's EC baseline). The attention and adaLN of the block stay as in DiT.
+
+Both use fine-grained experts (DeepSeek-MoE): every expert is the block's GELU FFN with hidden width
+mlp_ratio * D / (k + s), where k is the number of routed experts a token gets (top-k for token choice, the
+capacity factor for expert choice, on average) and s the number of always-on shared experts. So the active
+parameters per token are those of the dense FFN (plus the gate's D x E), and the three variants differ only in
+how tokens reach their FFN weights.
+
+Dispatch has static shapes (one sort, fixed-size per-expert buffers, two batched matmuls), so the forward
+compiles into one graph: no loop over tokens, no host sync.
+
+A mixture's forward returns ``(y, aux)``: the output and its auxiliary loss (token choice: the Switch-style
+load-balancing loss; expert choice: None, balanced by construction). Counters of routed and dropped token
+slots accumulate in non-persistent buffers for logging (``pop_stats``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import Mlp
+
+
+def expert_hidden_size(hidden_size: int, mlp_ratio: float, active: float, num_shared: int) -> int:
+    """Hidden width of one fine-grained expert: the dense FFN's width split over the active experts."""
+    return max(1, round(hidden_size * mlp_ratio / (active + num_shared)))
+
+
+def _count(index: torch.Tensor, n: int) -> torch.Tensor:
+    """bincount with a static length (compiles without a graph break, runs on 'meta' for FLOP counting)."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
+
+
+class Experts(nn.Module):
+    """E GELU FFNs (D -> H -> D) held as stacked weights and applied to (E, C, D) buffers with two bmm's."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        # as DiT initialises every nn.Linear (xavier uniform, zero bias), one expert at a time
+        for w, (fan_in, fan_out) in ((self.w1, (dim, hidden)), (self.w2, (hidden, dim))):
+            nn.init.uniform_(w, -math.sqrt(6.0 / (fan_in + fan_out)), math.sqrt(6.0 / (fan_in + fan_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype  # under autocast the bmm's run in low precision; the buffers keep their dtype
+        h = torch.baddbmm(self.b1.to(dt).unsqueeze(1), x, self.w1.to(dt))
+        return torch.baddbmm(self.b2.to(dt).unsqueeze(1), F.gelu(h, approximate="tanh"), self.w2.to(dt))
+
+    def reference(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on tokens (n, D), written plainly (tests and the benchmark's loop reference)."""
+        h = F.gelu(x @ self.w1[e] + self.b1[e], approximate="tanh")
+        return h @ self.w2[e] + self.b2[e]
+
+
+class TokenMixture(nn.Module):
+    """Shared pieces of the token-routed FFNs: gate, experts, shared expert, routing counters."""
+
+    kind = ""
+
+    def __init__(self, hidden_size: int, num_experts: int, active: float, num_shared: int, mlp_ratio: float):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"moe_experts must be >= 1, got {num_experts}")
+        if num_shared < 0:
+            raise ValueError(f"moe_shared must be >= 0, got {num_shared}")
+        self.num_experts = num_experts
+        self.num_shared = num_shared
+        self.expert_hidden = expert_hidden_size(hidden_size, mlp_ratio, active, num_shared)
+        self.gate_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.experts = Experts(num_experts, hidden_size, self.expert_hidden)
+        # s shared experts are one FFN of width s * H (as DiT-MoE merges its two)
+        self.shared = Mlp(hidden_size, num_shared * self.expert_hidden) if num_shared else None
+        # counters for logging: [tokens, token-expert slots computed, slots dropped (over capacity), tokens that got
+        # no routed expert]
+        self.register_buffer("stats", torch.zeros(4), persistent=False)
+        self.record = False  # analysis: keep the last forward's (tokens, E) 0/1 assignment in ``last_assign``
+        self.last_assign: torch.Tensor | None = None
+
+    def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) softmax of the token-expert affinities, in float32."""
+        return F.linear(x, self.gate_weight.to(x.dtype)).float().softmax(dim=-1)
+
+    def pop_stats(self) -> torch.Tensor:
+        """The counters since the last call, zeroed."""
+        s = self.stats.clone()
+        self.stats.zero_()
+        return s
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y if self.shared is None else y + self.shared(x)
+
+
+class TokenChoiceMoE(TokenMixture):
+    """Token choice (DiT-MoE): each token's softmax gate picks its top-k experts, gate values not renormalised,
+    plus always-on shared experts; a load-balancing loss alpha * E * sum_i f_i P_i (f_i: fraction of token slots
+    sent to expert i, P_i: its mean gate probability).
+
+    In training each expert holds at most C = ceil(capacity_factor * k * tokens / E) of the batch's token slots
+    (first choices before second choices, then token order); the slots over capacity are dropped (their gate's
+    share of the output is zero, the token keeps the residual and the shared expert) and counted. In eval mode
+    routing is dropless (C = tokens), so a sample's output does not depend on the rest of its batch.
+    ``capacity_factor = 0`` is dropless in training too (E / k times the routed compute)."""
+
+    kind = "token-choice"
+
+    def __init__(self, hidden_size: int, num_experts: int = 8, top_k: int = 2, num_shared: int = 1,
+                 capacity_factor: float = 1.25, aux_alpha: float = 0.01, mlp_ratio: float = 4.0):
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"moe_top_k must satisfy 1 <= moe_top_k <= moe_experts={num_experts}, got {top_k}")
+        if not (capacity_factor == 0 or capacity_factor > 0) or not math.isfinite(capacity_factor):
+            raise ValueError(f"moe_capacity_factor must be a finite number >= 0 (0 = dropless), got {capacity_factor}")
+        if aux_alpha < 0 or not math.isfinite(aux_alpha):
+            raise ValueError(f"moe_aux_alpha must be a finite number >= 0, got {aux_alpha}")
+        super().__init__(hidden_size, num_experts, top_k, num_shared, mlp_ratio)
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.aux_alpha = aux_alpha
+        nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))  # nn.Linear's default, as DiT-MoE's gate
+
+    def capacity(self, num_tokens: int) -> int:
+        if not self.training or self.capacity_factor <= 0:
+            return num_tokens  # dropless: a token chooses an expert at most once
+        return min(num_tokens, math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, L, D = x.shape
+        T, E, k = B * L, self.num_experts, self.top_k
+        xt = x.reshape(T, D)
+        probs = self.gate_probs(xt)
+        gates, choice = probs.topk(k, dim=-1)  # (T, k)
+        C = self.capacity(T)
+        # Slots in priority order: all first choices (token order), then all second choices, ...
+        expert = choice.t().reshape(-1)  # (k*T,)
+        order = torch.argsort(expert, stable=True)  # the one sort: slots grouped by expert, priority kept
+        counts = _count(expert, E)
+        first = counts.cumsum(0) - counts  # where each expert's group starts in the sorted order
+        pos_sorted = torch.arange(k * T, device=x.device) - first[expert[order]]
+        pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)  # queue position of each slot
+        keep = pos < C
+        dest = torch.where(keep, expert * C + pos, E * C)  # E*C: a dump row for dropped slots
+        token = torch.arange(T, device=x.device).repeat(k)
+        src = torch.full((E * C + 1,), T, dtype=torch.long, device=x.device).scatter_(0, dest, token)[:-1]
+        buf = torch.cat([xt, xt.new_zeros(1, D)])[src].view(E, C, D)  # row T: zeros for empty buffer places
+        out = self.experts(buf).reshape(E * C, D)
+        out = torch.cat([out, out.new_zeros(1, D)])[dest]  # (k*T, D); dropped slots read the zero row
+        w = (gates.t().reshape(-1) * keep).to(x.dtype)
+        y = (out * w[:, None]).view(k, T, D).sum(0)
+        aux = None
+        if self.training and self.aux_alpha > 0:
+            f = counts.float() * (E / (k * T))  # before dropping, as DiT-MoE
+            aux = self.aux_alpha * (f * probs.mean(0)).sum()
+        with torch.no_grad():
+            dropped = (~keep).sum().float()
+            self.stats += torch.stack([torch.tensor(float(T), device=x.device), k * T - dropped, dropped,
+                                       (~keep.view(k, T)).all(0).sum().float()])
+            if self.record:
+                self.last_assign = (F.one_hot(choice, E).float() * keep.view(k, T).t()[..., None].float()).sum(1)
+        return self._finish(xt, y).view(B, L, D), aux
+
+
+class ExpertChoiceMoE(TokenMixture):
+    """Expert choice (EC-DiT, DiffMoE's EC baseline): each expert takes the C tokens of its pool with the highest
+    softmax affinity, C = capacity_factor * tokens / E, and weights its output by that affinity; plus always-on
+    shared experts. Balanced by construction (no auxiliary loss); a token may get 0 to E routed experts, on
+    average capacity_factor.
+
+    scope = "batch": the pool is all tokens of the batch (a sample's output depends on the other samples,
+    in sampling too: the sampling batch is the pool, the guided pair included); scope = "sample": each
+    sample's tokens are their own pool (EC-DiT; batch-independent)."""
+
+    kind = "expert-choice"
+
+    def __init__(self, hidden_size: int, num_experts: int = 8, capacity_factor: float = 2.0, num_shared: int = 1,
+                 scope: str = "batch", mlp_ratio: float = 4.0):
+        if not (capacity_factor > 0 and math.isfinite(capacity_factor)) or capacity_factor > num_experts:
+            raise ValueError(f"moe_capacity_factor for expert choice must be in (0, moe_experts={num_experts}] "
+                             f"(the mean number of routed experts per token), got {capacity_factor}")
+        if scope not in ("batch", "sample"):
+            raise ValueError(f"moe_scope must be 'batch' or 'sample', got {scope!r}")
+        super().__init__(hidden_size, num_experts, capacity_factor, num_shared, mlp_ratio)
+        self.capacity_factor = capacity_factor
+        self.scope = scope
+        nn.init.normal_(self.gate_weight, std=0.006)  # as DiffMoE's EC gate
+
+    def capacity(self, pool: int) -> int:
+        return max(1, min(pool, int(round(self.capacity_factor * pool / self.num_experts))))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        B, L, D = x.shape
+        T, E = B * L, self.num_experts
+        pool = L if self.scope == "sample" else T
+        G = T // pool
+        C = self.capacity(pool)
+        xt = x.reshape(T, D)
+        probs = self.gate_probs(xt)  # (T, E)
+        affinity, index = probs.view(G, pool, E).transpose(1, 2).topk(C, dim=-1)  # (G, E, C): each expert's picks
+        index = index + (torch.arange(G, device=x.device) * pool).view(G, 1, 1)  # pool-local -> batch token
+        index = index.transpose(0, 1).reshape(E, G * C)
+        out = self.experts(xt[index]) * affinity.transpose(0, 1).reshape(E, G * C, 1).to(x.dtype)
+        y = torch.zeros_like(xt).index_add(0, index.reshape(-1), out.reshape(-1, D))
+        with torch.no_grad():
+            hits = _count(index.reshape(-1), T)
+            self.stats += torch.tensor([float(T), float(E * G * C), 0.0, 0.0], device=x.device)
+            self.stats[3] += (hits == 0).sum().float()
+            if self.record:
+                self.last_assign = torch.zeros(T, E, device=x.device).index_put_(
+                    (index.reshape(-1), torch.arange(E, device=x.device).repeat_interleave(G * C)),
+                    torch.ones((), device=x.device))
+        return self._finish(xt, y).view(B, L, D), None
+
+
+def reference_token_choice(moe: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
+    """Token choice written as a loop over experts and tokens' choices (no capacity: eval mode / dropless)."""
+    B, L, D = x.shape
+    xt = x.reshape(-1, D)
+    gates, choice = moe.gate_probs(xt).topk(moe.top_k, dim=-1)
+    y = torch.zeros_like(xt)
+    for e in range(moe.num_experts):
+        for j in range(moe.top_k):
+            rows = (choice[:, j] == e).nonzero().flatten()
+            if len(rows):
+                y[rows] += gates[rows, j, None].to(x.dtype) * moe.experts.reference(xt[rows], e)
+    return moe._finish(xt, y).view(B, L, D)
+
+
+def reference_expert_choice(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tensor:
+    """Expert choice written as a loop over pools and experts."""
+    B, L, D = x.shape
+    xt = x.reshape(-1, D)
+    probs = moe.gate_probs(xt)
+    pool = L if moe.scope == "sample" else B * L
+    C = moe.capacity(pool)
+    y = torch.zeros_like(xt)
+    for g in range(xt.shape[0] // pool):
+        rows = slice(g * pool, (g + 1) * pool)
+        for e in range(moe.num_experts):
+            a, i = probs[rows, e].topk(C)
+            i = i + g * pool
+            y[i] += a[:, None].to(x.dtype) * moe.experts.reference(xt[i], e)
+    return moe._finish(xt, y).view(B, L, D)
+
+
+MIXTURES = {"TC-MoE": TokenChoiceMoE, "EC-MoE": ExpertChoiceMoE}
