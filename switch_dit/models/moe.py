@@ -147,9 +147,10 @@ class TokenChoiceMoE(TokenMixture):
         dest = torch.where(keep, expert * C + pos, E * C)  # E*C: a dump row for dropped slots
         token = torch.arange(T, device=x.device).repeat(k)
         src = torch.full((E * C + 1,), T, dtype=torch.long, device=x.device).scatter_(0, dest, token)[:-1]
-        buf = torch.cat([xt, xt.new_zeros(1, D)])[src].view(E, C, D)  # row T: zeros for empty buffer places
+        # index_select, not x[index]: its backward (index_add) is deterministic on CPU, advanced indexing's is not
+        buf = torch.cat([xt, xt.new_zeros(1, D)]).index_select(0, src).view(E, C, D)  # row T: zeros, empty places
         out = self.experts(buf).reshape(E * C, D)
-        out = torch.cat([out, out.new_zeros(1, D)])[dest]  # (k*T, D); dropped slots read the zero row
+        out = torch.cat([out, out.new_zeros(1, D)]).index_select(0, dest)  # (k*T, D); dropped: the zero row
         w = (gates.t().reshape(-1) * keep).to(x.dtype)
         y = (out * w[:, None]).view(k, T, D).sum(0)
         aux = None
@@ -203,7 +204,8 @@ class ExpertChoiceMoE(TokenMixture):
         affinity, index = probs.view(G, pool, E).transpose(1, 2).topk(C, dim=-1)  # (G, E, C): each expert's picks
         index = index + (torch.arange(G, device=x.device) * pool).view(G, 1, 1)  # pool-local -> batch token
         index = index.transpose(0, 1).reshape(E, G * C)
-        out = self.experts(xt[index]) * affinity.transpose(0, 1).reshape(E, G * C, 1).to(x.dtype)
+        picked = xt.index_select(0, index.reshape(-1)).view(E, G * C, D)  # deterministic backward (see above)
+        out = self.experts(picked) * affinity.transpose(0, 1).reshape(E, G * C, 1).to(x.dtype)
         y = torch.zeros_like(xt).index_add(0, index.reshape(-1), out.reshape(-1, D))
         with torch.no_grad():
             hits = _count(index.reshape(-1), T)
