@@ -177,3 +177,161 @@ def analyze(model: DiT, out_dir) -> dict:
     summary["files"] = {k: str(out / f"{k}.png") for k in ("task_expert_map", "task_affinity", "prior_affinity")}
     (out / "routing.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# --- token-routed mixtures (TC-MoE, EC-MoE): which experts a timestep's tokens reach ---------------------------
+
+def _noised(cfg, x0: torch.Tensor, bins: torch.Tensor, num_bins: int, noise: torch.Tensor):
+    """x_t and the model's time input for each sample's timestep bin (the bin's centre)."""
+    centre = (bins.double() + 0.5) / num_bins  # in (0, 1): 0 = data, 1 = noise
+    if cfg.objective == "flow":
+        t = centre.float()
+        xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
+        return xt, 1000.0 * t
+    from .diffusion import create_diffusion
+
+    d = create_diffusion(noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps)
+    t = (centre * d.num_timesteps).floor().long().clamp(0, d.num_timesteps - 1)
+    a = torch.from_numpy(d.sqrt_alphas_cumprod).float()[t].view(-1, 1, 1, 1)
+    s = torch.from_numpy(d.sqrt_one_minus_alphas_cumprod).float()[t].view(-1, 1, 1, 1)
+    return a * x0 + s * noise, t
+
+
+@torch.no_grad()
+def token_expert_map(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, num_bins: int = 50,
+                     rounds: int = 16, seed: int = 0) -> np.ndarray:
+    """(blocks, bins, E): the fraction of a timestep bin's tokens that each expert processes, measured on real
+    images noised to every bin. Each forward is a batch with one sample per bin (mixed timesteps, as in training),
+    so expert choice over the batch sees the pool it was trained on; eval mode (token choice: dropless).
+    A token reaches top-k experts (token choice) or on average the capacity factor (expert choice). With the
+    defaults each bin holds 16 samples' tokens (256 at 16 tokens a sample)."""
+    mixtures = model.mixtures
+    if not mixtures:
+        raise ValueError("this model has no token-routed experts (TC-MoE or EC-MoE)")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(len(mixtures), num_bins, mixtures[0].num_experts, dtype=torch.float64)
+    tokens = torch.zeros(num_bins, dtype=torch.float64)
+    bins = torch.arange(num_bins)
+    model.eval()
+    for m in mixtures:
+        m.record = True
+    try:
+        for _ in range(rounds):
+            pick = torch.randint(0, len(images), (num_bins,), generator=g)
+            noise = torch.randn(images[pick].shape, generator=g)
+            xt, t = _noised(cfg, images[pick].float(), bins, num_bins, noise)
+            model(xt.to(device), t.to(device), labels[pick].to(device))
+            per_sample = model.x_embedder.num_patches
+            for i, m in enumerate(mixtures):
+                a = m.last_assign.double().cpu().view(num_bins, per_sample, -1)
+                counts[i] += a.sum(1)
+            tokens += per_sample
+    finally:
+        for m in mixtures:
+            m.record, m.last_assign = False, None
+    return (counts / tokens.view(1, -1, 1)).numpy()
+
+
+def routing_information(frac: np.ndarray) -> float:
+    """Mutual information (bits) between the timestep bin and the expert a routed token slot reaches, for one
+    block's (bins, E) map of fractions (bins equally likely): 0 when every timestep uses the experts alike; at
+    most log2(E). Estimated from a finite sample of tokens, it is biased upward by about
+    (bins - 1)(E - 1) / (2 n ln 2) bits for n routed slots (0.01 bit for token_expert_map's defaults at 16 tokens
+    a sample, E = 8, k = 2)."""
+    p = frac / np.maximum(frac.sum(1, keepdims=True), 1e-12)  # p(expert | bin)
+    marginal = p.mean(0)
+
+    def entropy(q):
+        q = q[q > 0]
+        return float(-(q * np.log2(q)).sum())
+
+    return max(0.0, entropy(marginal) - float(np.mean([entropy(row) for row in p])))
+
+
+def binned_switch_map(model: DiT, num_bins: int = 50) -> np.ndarray:
+    """Switch-DiT's task-expert map in the token maps' format: (blocks, bins, M), the fraction of each bin's
+    timesteps whose gate selects each expert (its tokens all follow the timestep)."""
+    pattern = task_expert_map(model)  # (T, N*M)
+    T, NM = pattern.shape
+    M = model.switch_routers[0].num_experts
+    edges = np.linspace(0, T, num_bins + 1).round().astype(int)
+    binned = np.stack([pattern[a:b].mean(0) for a, b in zip(edges[:-1], edges[1:])])  # (bins, N*M)
+    return binned.reshape(num_bins, NM // M, M).transpose(1, 0, 2)
+
+
+def token_routing_record(frac: np.ndarray, kind: str) -> dict:
+    """JSON-able summary of a (blocks, bins, E) routing map: per block the experts' share of the routed slots
+    (load balance: max share / mean share, 1 = balanced), the timestep information and the map itself."""
+    blocks = []
+    for b, f in enumerate(frac):
+        share = f.sum(0) / max(f.sum(), 1e-12)
+        blocks.append({"block": b, "expert_share": [round(float(s), 4) for s in share],
+                       "max_over_mean_load": float(share.max() * len(share)),
+                       "timestep_information_bits": routing_information(f),
+                       "map": np.round(f, 4).tolist()})
+    info = [b["timestep_information_bits"] for b in blocks]
+    return {"kind": kind, "num_blocks": len(blocks), "num_experts": int(frac.shape[2]), "num_bins": int(frac.shape[1]),
+            "max_information_bits": float(np.log2(frac.shape[2])), "mean_timestep_information_bits": float(np.mean(info)),
+            "blocks": blocks}
+
+
+def token_routing_figure(frac: np.ndarray, title: str, kind: str):
+    """Per block, a (timestep bin x expert) heat map of the fraction of the bin's tokens each expert processes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    N, B, E = frac.shape
+    cols = min(N, 6)
+    rows = -(-N // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 1.4, 3.0 * rows + 0.8), squeeze=False, sharey=True,
+                             layout="constrained")
+    vmax = max(float(frac.max()), 1e-6)
+    for i, ax in enumerate(axes.flat):
+        if i >= N:
+            ax.axis("off")
+            continue
+        im = ax.imshow(frac[i], aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest",
+                       extent=(-0.5, E - 0.5, 1.0, 0.0))
+        info = routing_information(frac[i])
+        ax.set_title(f"block {i + 1}\nI(t; expert) = {info:.2f} bit", fontsize=8)
+        ax.set_xticks(range(E))
+        ax.set_xticklabels([str(e) for e in range(E)], fontsize=6)
+        ax.set_xlabel("expert", fontsize=8)
+        if i % cols == 0:
+            ax.set_ylabel("t (0 = data, 1 = noise)", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the bin's tokens")
+    fig.suptitle(f"{title} ({kind}): which experts each timestep's tokens reach", fontsize=10)
+    return fig
+
+
+def analyze_tokens(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, out_dir, num_bins: int = 50) -> dict:
+    """The token-routed counterpart of ``analyze``: token_expert_map.png and routing.json."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frac = token_expert_map(model, cfg, images, labels, num_bins)
+    kind = model.mixtures[0].kind
+    save_figure(token_routing_figure(frac, cfg.model, kind), out / "token_expert_map.png")
+    summary = token_routing_record(frac, kind)
+    summary["files"] = {"token_expert_map": str(out / "token_expert_map.png")}
+    (out / "routing.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def analysis_images(cfg, limit: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded sample of the run's own training data (images or latents) for the token routing maps."""
+    from .data import build_dataset
+
+    dataset = build_dataset(cfg.data, cfg.data_path, cfg.image_size)
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    xs, ys = zip(*(dataset[int(i)] for i in idx))
+    x, y = torch.stack([torch.as_tensor(v) for v in xs]), torch.tensor(ys)
+    if cfg.data == "latents":
+        x = dataset.draw(x, torch.zeros(len(x), dtype=torch.long), torch.randn(x[:, 0, 0].shape,
+                                                                              generator=torch.Generator().manual_seed(seed)))
+    return x, y

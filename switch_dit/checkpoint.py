@@ -88,53 +88,68 @@ def remove_stale_temp_files(ckpt_dir: str | os.PathLike) -> list[Path]:
 
 
 class RunLock:
-    """One training run per results folder: RESULTS/.lock holds the pid and host of the run that owns it.
+    """One training run per results folder: RESULTS/.lock holds the pid, process start time, boot and host of the
+    run that owns it.
 
-    A second run stops with a one-line error naming the first; a lock whose process is gone (a killed run, same
-    host) is taken over with a warning. On another host the lock cannot be checked: the error says how to
-    remove it."""
+    The lock appears complete or not at all: it is written to a temp file and hard-linked into place (link fails
+    if the lock exists, atomically, also on NFS). A second run stops with a one-line error naming the first. A lock
+    whose process is gone, or whose pid now belongs to a younger process (pid reuse) or to an earlier boot, is
+    stale and taken over with a warning; same-host takeovers are serialised by an flock on RESULTS/.lock.guard,
+    so two runs can never both replace a stale lock. On another host the lock cannot be checked: the error says
+    how to remove it."""
 
     def __init__(self, results_dir: str | os.PathLike):
         self.path = Path(results_dir) / ".lock"
         self.held = False
+        self.me: dict | None = None
 
     def acquire(self) -> "RunLock":
+        import fcntl
         import json
         import socket
         import time
         import warnings
 
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(), "start": _start_time(os.getpid()),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.path.with_name(f".lock.{me['pid']}.{os.urandom(4).hex()}.tmp")
+        tmp.write_text(json.dumps(me))
+        guard = os.open(self.path.with_name(".lock.guard"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # same-host contenders check and replace one at a time
+            for _ in range(3):
                 try:
-                    other = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    other = {}
-                pid, host = other.get("pid"), other.get("host")
-                if host == me["host"] and isinstance(pid, int) and not _alive(pid):
-                    warnings.warn(f"{self.path}: taking over the lock of run pid {pid} (that process is gone)",
-                                  stacklevel=2)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if not other:  # an empty or unreadable lock: a run killed while writing it
-                    self.path.unlink(missing_ok=True)
-                    continue
-                where = f"pid {pid} on {host}" + (f", started {other['started']}" if other.get("started") else "")
-                raise ValueError(f"results dir {self.path.parent} is in use by another training run ({where}); "
-                                 f"wait for it or stop it, or choose another --results-dir"
-                                 + ("" if host == me["host"] else f" (if no run is alive there, delete {self.path})"))
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me))
-            self.held = True
-            return self
-        raise ValueError(f"could not take the lock {self.path}; delete it if no run uses {self.path.parent}")
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    other = _read_lock(self.path)
+                    if other is None:
+                        continue  # removed meanwhile (its run ended): try again
+                    if not other:
+                        raise ValueError(f"{self.path} is unreadable (damaged, or not written by switch-dit); delete it "
+                                         f"if no run uses {self.path.parent}")
+                    pid, host = other.get("pid"), other.get("host")
+                    if host == me["host"] and _stale(other):
+                        why = "that process is gone" if not (isinstance(pid, int) and _alive(pid)) else \
+                            "its pid now belongs to another process"
+                        warnings.warn(f"{self.path}: taking over the lock of run pid {pid} ({why})", stacklevel=2)
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    where = f"pid {pid} on {host}" + (f", started {other['started']}" if other.get("started") else "")
+                    raise ValueError(f"results dir {self.path.parent} is in use by another training run ({where}); "
+                                     f"wait for it or stop it, or choose another --results-dir"
+                                     + ("" if host == me["host"] else f" (if no run is alive there, delete {self.path})"))
+                self.held, self.me = True, me
+                return self
+            raise ValueError(f"could not take the lock {self.path}; delete it if no run uses {self.path.parent}")
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+            os.close(guard)
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if (_read_lock(self.path) or {}).get("pid") == os.getpid():  # never remove a lock taken over from us
+                self.path.unlink(missing_ok=True)
             self.held = False
 
     def __enter__(self):
@@ -142,6 +157,46 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _read_lock(path: Path) -> dict | None:
+    import json
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: treated as a lock of an unknown run (never deleted on a guess)
+    return data if isinstance(data, dict) else {}
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stale(other: dict) -> bool:
+    """A lock of this host whose run cannot be alive: another boot, no such process, or the pid reused."""
+    pid = other.get("pid")
+    if not isinstance(pid, int) or not other:
+        return False  # unknown content: not ours to delete
+    if other.get("boot") and _boot_id() and other["boot"] != _boot_id():
+        return True
+    if not _alive(pid):
+        return True
+    start = other.get("start")
+    return isinstance(start, int) and _start_time(pid) not in (None, start)
 
 
 def _alive(pid: int) -> bool:
@@ -294,7 +349,8 @@ def export_model(state: dict, out: str | os.PathLike, dtype: torch.dtype = torch
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     meta = {"format": MODEL_FORMAT, "config": json.dumps(state["config"]), "step": str(state.get("step")),
             "in_channels": str(state["in_channels"]), "input_size": str(state["input_size"]),
-            "num_classes": str(state["num_classes"]), "weights": "ema" if use_ema else "model"}
+            "num_classes": str(state["num_classes"]), "weights": "ema" if use_ema else "model",
+            **({"class_names": json.dumps(state["class_names"])} if state.get("class_names") else {})}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -324,5 +380,6 @@ def load_exported(path: str | os.PathLike) -> tuple[dict, dict]:
                               "'switch-dit export CKPT --out FILE.safetensors'")
     meta = {**meta, "config": json.loads(meta["config"]), "in_channels": int(meta["in_channels"]),
             "input_size": int(meta["input_size"]), "num_classes": int(meta["num_classes"]),
-            "step": None if meta.get("step") in (None, "None") else int(meta["step"])}
+            "step": None if meta.get("step") in (None, "None") else int(meta["step"]),
+            "class_names": json.loads(meta["class_names"]) if meta.get("class_names") else None}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}, meta

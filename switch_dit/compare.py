@@ -110,6 +110,8 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     results["config"] = {**base, "size": size, "patch": patch, "seeds": list(seeds), "num_samples": num_samples,
                          "cfg_scale": cfg_scale, "eval_every": eval_every}
+    results["config"]["reference"] = {"data": base.get("data", "fashion-mnist"), "split": "train",
+                                      "num": int(len(ref_feats))}
     if list(labels) != list(VARIANTS):
         results["config"]["variants"] = labels
     if command:
@@ -171,19 +173,15 @@ def _train_and_evaluate(rec: dict, cfg: Config, run_dir: Path, eval_every: int, 
 
 
 def active_parameters(cfg: Config) -> int:
-    """Parameters that act on one token: all of them, less the routed experts a token does not use (TC-MoE: all
-    but top-k; EC-MoE: all but capacity-factor of them, on average)."""
+    """flops.active_parameters of cfg's model (built on the 'meta' device: no memory)."""
     from .factory import model_options
+    from .flops import active_parameters as count
     from .models import create_model
 
     with torch.device("meta"):
         model = create_model(cfg.model, input_size=cfg.image_size, in_channels=1, num_classes=10,
                              learn_sigma=cfg.learn_sigma and cfg.objective == "ddpm", **model_options(cfg))
-    total = sum(p.numel() for p in model.parameters())
-    for m in model.mixtures:
-        per_expert = sum(p[0].numel() for p in m.experts.parameters())
-        total -= round((m.num_experts - cfg.moe_top_k) * per_expert)
-    return total
+    return count(model)
 
 
 def _reuse_run(src: Path, key: str, label: str, seed: int, cfg: Config, compare_cfg: dict, run_dir: Path,
@@ -215,9 +213,9 @@ def _reuse_run(src: Path, key: str, label: str, seed: int, cfg: Config, compare_
     diff = [k for k in ours if k not in ("results_dir", "resume") and saved.get(k, defaults[k]) != ours[k]]
     if diff:
         return say(f"trained with other options ({', '.join(diff)})")
+    check_steps = max(1, min(check_steps, cfg.max_steps))
     with tempfile.TemporaryDirectory() as tmp:
-        probe = dataclasses.replace(cfg, results_dir=tmp, max_steps=check_steps, resume=None, tensorboard=False,
-                                    log_every=min(cfg.log_every, check_steps))
+        probe = dataclasses.replace(cfg, results_dir=tmp, max_steps=check_steps, resume=None, tensorboard=False)
         train(probe, progress=False)
         mine = {m["step"]: m for m in read_metrics(str(Path(tmp) / "metrics.jsonl"))}
     old = {m["step"]: m for m in read_metrics(str(src_run / "metrics.jsonl")) if m["step"] in mine}
@@ -254,28 +252,40 @@ def _pictures(run_dir: Path, variant: str, out: Path, cfg: Config) -> None:
     with torch.no_grad():
         grid = class_grid(model, run_cfg, model.num_classes, per_class=10, seed=0)
     write_grid(str(out / f"{variant}_grid.png"), grid, scale=max(1, 48 // run_cfg.image_size))
+    import shutil
     if model.prior is not None:
         summary = analyze(model, out / f"{variant}_analysis")
-        import shutil
         shutil.copy(summary["files"]["task_expert_map"], out / f"{variant}_routing_map.png")
         shutil.copy(summary["files"]["task_affinity"], out / f"{variant}_routing_affinity.png")
+    elif model.mixtures:
+        from .analysis import analysis_images, analyze_tokens
+        summary = analyze_tokens(model, run_cfg, *analysis_images(run_cfg), out / f"{variant}_analysis")
+        shutil.copy(summary["files"]["token_expert_map"], out / f"{variant}_routing_map.png")
 
 
 def _routing(ckpt: Path, cfg: Config) -> dict | None:
     """The final EMA model's routing summary: Switch-DiT's (shared/unused experts, switch timesteps, agreement
-    with the prior); None for models without learned routing."""
-    from .analysis import routing_record
+    with the prior) and, for every routed variant, its (block, timestep bin, expert) map with the timestep
+    information per block (``expert_map``); None for DiT and DTR (nothing learned routes)."""
+    from .analysis import (analysis_images, binned_switch_map, routing_record, token_expert_map,
+                           token_routing_record)
     from .sample import load_model_for_sampling
 
-    model, _, _ = load_model_for_sampling(str(ckpt))
+    model, run_cfg, _ = load_model_for_sampling(str(ckpt))
     if model.prior is not None:
-        return routing_record(model)
+        rec = routing_record(model)
+        rec["expert_map"] = token_routing_record(binned_switch_map(model), "timestep")
+        return rec
+    if model.mixtures:
+        frac = token_expert_map(model, run_cfg, *analysis_images(run_cfg))
+        return {"expert_map": token_routing_record(frac, model.mixtures[0].kind)}
     return None
 
 
 def routing_lines(results: dict) -> list[str]:
     """A table of every Switch-DiT seed's learned routing at the end of training."""
-    recs = sorted((r for r in results["runs"].values() if r.get("routing")), key=lambda r: r["seed"])
+    recs = sorted((r for r in results["runs"].values() if "prior_agreement" in r.get("routing", {})),
+                  key=lambda r: (label_of(r), r["seed"]))
     if not recs:
         return []
     r0 = recs[0]["routing"]
@@ -301,15 +311,20 @@ def routing_lines(results: dict) -> list[str]:
     return lines
 
 
+def _sd(x) -> float:
+    """The sample standard deviation (ddof = 1) of seed results; 0 for a single seed."""
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
 def _aggregate(results: dict) -> dict:
-    """variant -> step -> metric -> (mean, std) over seeds."""
+    """variant -> step -> metric -> (mean, sample std over seeds)."""
     agg: dict = {}
     for rec in results["runs"].values():
         variant = label_of(rec)
         for step, ev in rec["evals"].items():
             for m in ("fid", "is_mean", "precision", "recall"):
                 agg.setdefault(variant, {}).setdefault(int(step), {}).setdefault(m, []).append(ev[m])
-    return {v: {s: {m: (float(np.mean(x)), float(np.std(x))) for m, x in ms.items()} for s, ms in sorted(steps.items())}
+    return {v: {s: {m: (float(np.mean(x)), _sd(x)) for m, x in ms.items()} for s, ms in sorted(steps.items())}
             for v, steps in agg.items()}
 
 
@@ -364,30 +379,165 @@ def _verdict(gap: float, pooled: float, wins: int, n: int) -> str:
     return "yes" if gap > 0 else "no"
 
 
+def paired_comparison(a_fid: list[float], b_fid: list[float]) -> dict:
+    """Is a's FID lower than b's? The mean gap (b - a), the pooled sample std of the two variants across seeds,
+    the gap in those stds, the paired differences' mean and sample std, a paired t-test's two-sided p (scipy;
+    None for fewer than 2 seeds), how many paired seeds have a lower, and the verdict (``_verdict``)."""
+    a, b = np.asarray(a_fid, float), np.asarray(b_fid, float)
+    gap = float(b.mean() - a.mean())
+    pooled = float(np.sqrt((_sd(a) ** 2 + _sd(b) ** 2) / 2))
+    diff = b - a
+    p = None
+    if len(a) > 1 and _sd(diff) > 0:
+        from scipy.stats import ttest_rel
+        p = float(ttest_rel(b, a).pvalue)
+    wins = int((a < b).sum())
+    return {"gap": gap, "pooled_sd": pooled, "gap_in_sd": abs(gap) / pooled if pooled > 0 else None,
+            "diff_mean": float(diff.mean()), "diff_sd": _sd(diff), "p": p, "wins": wins, "n": len(a),
+            "verdict": _verdict(gap, pooled, wins, len(a))}
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def conclusions(results: dict, agg: dict) -> list[str]:
     """One line per checkpoint: is Switch-DiT's FID lower than DiT's and DTR's, by how many seed standard
-    deviations (the gap over the pooled std of the two variants across seeds), in how many paired seeds;
-    and whether the paper's full ordering Switch-DiT < DTR < DiT holds."""
+    deviations (the gap over the pooled sample std of the two variants across seeds), in how many paired seeds;
+    and whether the paper's full ordering Switch-DiT < DTR < DiT holds (a gap within the seed noise is a tie)."""
     if not {"DiT", "DTR", "Switch-DiT"} <= set(agg):
         return []
     lines = []
     for step in sorted(set(agg["Switch-DiT"]) & set(agg["DiT"]) & set(agg["DTR"])):
         parts = []
         for other in ("DiT", "DTR"):
-            s_fid, o_fid = _paired(results, "Switch-DiT", other, step)
-            gap = float(np.mean(o_fid) - np.mean(s_fid))
-            pooled = float(np.sqrt((np.var(s_fid) + np.var(o_fid)) / 2))
-            wins = sum(x < y for x, y in zip(s_fid, o_fid))
-            sds = f"{abs(gap) / pooled:.1f} seed std" if pooled > 0 else "no seed spread"
-            verdict = "lower" if gap > 0 else "higher"
-            parts.append(f"below {other}: **{_verdict(gap, pooled, wins, len(s_fid))}** ({verdict} by {abs(gap):.2f} "
-                         f"FID = {sds}; lower in {wins}/{len(s_fid)} paired seeds)")
-        dtr, dit = agg["DTR"][step]["fid"][0], agg["DiT"][step]["fid"][0]
-        order = ("the paper's order Switch-DiT < DTR < DiT holds" if agg["Switch-DiT"][step]["fid"][0] < dtr < dit
-                 else "the paper's order Switch-DiT < DTR < DiT does **not** hold" +
-                 (" (DTR is worse than DiT)" if dtr >= dit else ""))
-        lines.append(f"- step {step}: Switch-DiT {parts[0]}; {parts[1]}; {order}.")
+            c = paired_comparison(*_paired(results, "Switch-DiT", other, step))
+            sds = f"{c['gap_in_sd']:.1f} seed std" if c["gap_in_sd"] is not None else "no seed spread"
+            p = f", paired t-test p = {_p(c['p'])}" if c["p"] is not None else ""
+            parts.append(f"below {other}: **{c['verdict']}** ({'lower' if c['gap'] > 0 else 'higher'} by "
+                         f"{abs(c['gap']):.2f} FID = {sds}{p}; lower in {c['wins']}/{c['n']} paired seeds)")
+        order = paired_comparison(*_paired(results, "DTR", "DiT", step))
+        s_dtr = paired_comparison(*_paired(results, "Switch-DiT", "DTR", step))
+        if s_dtr["verdict"] == "yes" and order["verdict"] == "yes":
+            sentence = "the paper's order Switch-DiT < DTR < DiT holds"
+        elif order["verdict"] == "no":
+            sentence = "the paper's order Switch-DiT < DTR < DiT does **not** hold (DTR is worse than DiT)"
+        else:
+            sentence = "the paper's order Switch-DiT < DTR < DiT is not established (a gap within seed noise)"
+        lines.append(f"- step {step}: Switch-DiT {parts[0]}; {parts[1]}; {sentence}.")
     return lines
+
+
+def _reference(labels: list[str]) -> str:
+    """The variant a report compares the others with: Switch-DiT, else the first Switch-DiT spec, else the first."""
+    if "Switch-DiT" in labels:
+        return "Switch-DiT"
+    return next((v for v in labels if v.startswith("Switch-DiT")), labels[0])
+
+
+def comparison_pairs(labels: list[str]) -> list[tuple[str, str]]:
+    """The pairs a report tests: Switch-DiT against every other variant, and every other routed variant against
+    the dense DiT."""
+    ref = _reference(labels)
+    pairs = [(ref, v) for v in labels if v != ref]
+    if "DiT" in labels:
+        pairs += [(v, "DiT") for v in labels if v not in (ref, "DiT")]
+    return pairs
+
+
+def pair_lines(results: dict, agg: dict, labels: list[str]) -> list[str]:
+    """A table of paired FID differences for comparison_pairs at every checkpoint."""
+    rows = []
+    for a, b in comparison_pairs(labels):
+        if a not in agg or b not in agg:
+            continue
+        for step in sorted(set(agg[a]) & set(agg[b])):
+            c = paired_comparison(*_paired(results, a, b, step))
+            sds = f"{c['gap_in_sd']:.1f}" if c["gap_in_sd"] is not None else "-"
+            p = _p(c["p"]) if c["p"] is not None else "-"
+            rows.append(f"| {a} vs {b} | {step} | {c['diff_mean']:+.2f} ± {c['diff_sd']:.2f} | {sds} | {p} | "
+                        f"{c['wins']}/{c['n']} | **{c['verdict']}** |")
+    if not rows:
+        return []
+    return ["", "## Paired FID differences", "",
+            "Is the first variant's FID lower? Per checkpoint: the paired difference (second minus first, same seed, "
+            "data order and noise) as mean ± sample std over seeds; the mean gap over the pooled sample std of the "
+            "two variants; a paired t-test's two-sided p (3 seeds give it little power); the seeds in which the "
+            "first is lower. The verdict is **yes** or **no** only when the gap exceeds 2 seed std and every paired "
+            "seed agrees, otherwise **within seed noise**.", "",
+            "| pair | step | FID difference | gap / seed std | paired t-test p | first lower in | verdict |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
+def token_routing_lines(results: dict, labels: list[str], out: Path) -> list[str]:
+    """Per routed variant: how much the experts a token (or a timestep) reaches depend on the timestep (mutual
+    information per block), and the load balance; a side-by-side figure of seed 0's maps."""
+    recs = {}
+    for rec in results["runs"].values():
+        em = rec.get("routing", {}).get("expert_map")
+        if em is not None:
+            recs.setdefault(label_of(rec), {})[rec["seed"]] = em
+    if not recs:
+        return []
+    lines = ["", "## Which experts each timestep reaches", "",
+             "For every routed variant, the final EMA model's (timestep bin x expert) map per block: the fraction of a "
+             "bin's tokens each expert processes, measured on 16 training images noised to each of 50 bins, one "
+             "sample per bin in every batch (mixed timesteps, as in training; token choice dropless). Switch-DiT's "
+             "map is its gates' choice at each timestep. I(t; expert) is the mutual information between the "
+             "timestep bin and the expert a routed token slot reaches (bits; 0 = every timestep uses the experts "
+             "alike; sampling bias about 0.01 bit for token maps); load = the busiest expert's share of the routed "
+             "slots over the mean share (1 = balanced). Mean ± sample std over seeds.", "",
+             "| variant | routing | seeds | I(t; expert), mean over blocks (bits) | max possible | per block (seed mean) "
+             "| busiest expert's load |", "|---|---|---|---|---|---|---|"]
+    for label in [v for v in labels if v in recs]:
+        per_seed = recs[label]
+        means = [em["mean_timestep_information_bits"] for em in per_seed.values()]
+        first = next(iter(per_seed.values()))
+        blocks = np.mean([[b["timestep_information_bits"] for b in em["blocks"]] for em in per_seed.values()], 0)
+        load = np.mean([max(b["max_over_mean_load"] for b in em["blocks"]) for em in per_seed.values()])
+        lines.append(f"| {label} | {first['kind']} | {len(per_seed)} | {np.mean(means):.3f} ± {_sd(means):.3f} | "
+                     f"{first['max_information_bits']:.2f} | {', '.join(f'{v:.2f}' for v in blocks)} | {load:.2f} |")
+    fig = routing_side_by_side({v: recs[v][min(recs[v])] for v in labels if v in recs})
+    fig.savefig(out / "routing_side_by_side.png", dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    lines += ["", "![routing maps side by side](routing_side_by_side.png)"]
+    return lines
+
+
+def routing_side_by_side(maps: dict):
+    """One row per routed variant (its lowest seed), one column per block: (timestep bin x expert) fractions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(maps)
+    cols = max(em["num_blocks"] for em in maps.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols + 1.6, 2.3 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for r, (label, em) in enumerate(maps.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= em["num_blocks"]:
+                ax.axis("off")
+                continue
+            b = em["blocks"][c]
+            m = np.asarray(b["map"])
+            ax.imshow(m / max(m.max(), 1e-12), aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
+                      extent=(-0.5, m.shape[1] - 0.5, 1.0, 0.0))
+            ax.set_xticks([])
+            ax.set_yticks([0, 1] if c == 0 else [])
+            ax.set_title(f"block {c + 1}: {b['timestep_information_bits']:.2f} bit", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"{label}\nt (0 = data)", fontsize=7)
+    fig.suptitle("fraction of each timestep bin's tokens per expert (rows: variants; columns: blocks; x: experts; "
+                 "each panel scaled to its maximum)", fontsize=8)
+    return fig
+
+
+_DATA_NAMES = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits", "folder": "an image folder",
+               "latents": "VAE latents"}
 
 
 def write_report(results: dict, out: Path) -> Path:
@@ -397,49 +547,59 @@ def write_report(results: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cfg = results.get("config", {})
+    labels = list(cfg.get("variants", VARIANTS))
     target = "velocity" if cfg.get("objective") == "flow" else "eps term"  # what the logged MSE is of
     asked = cfg.get("seeds", [0])
-    # Only seeds whose three runs are finished and evaluated enter the report (a long comparison reports as it goes).
+    # Only seeds whose runs are all finished and evaluated enter the report (a long comparison reports as it goes).
     finished = {(label_of(rec), rec["seed"]) for rec in results["runs"].values()
                 if rec.get("finished_step") == cfg.get("max_steps") and rec.get("evals")}
-    seeds = [s for s in asked if all((v, s) in finished for v in cfg.get("variants", VARIANTS))] or asked
-    results = {**results, "runs": {k: r for k, r in results["runs"].items() if r["seed"] in seeds}}
+    seeds = [s for s in asked if all((v, s) in finished for v in labels)] or asked
+    results = {**results, "runs": {k: r for k, r in results["runs"].items()
+                                   if r["seed"] in seeds and label_of(r) in labels}}
     agg = _aggregate(results)
+    agg = {v: agg[v] for v in labels if v in agg}
     runs = results["runs"]
     info = {}
     for rec in runs.values():
         v = label_of(rec)
-        i = info.setdefault(v, {"params": rec.get("params_m"), "gflops": rec.get("gflops"), "time": []})
+        i = info.setdefault(v, {"params": rec.get("params_m"), "active": rec.get("active_params_m", rec.get("params_m")),
+                                "gflops": rec.get("gflops"), "time": [], "ms": []})
         i["time"].append(rec.get("train_seconds", float("nan")))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+        i["ms"].append(1000 * rec.get("train_seconds", float("nan")) / max(rec.get("finished_step") or 1, 1))
+    band = len(seeds) > 1
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for v, steps in agg.items():
         xs = list(steps)
         ys = np.array([steps[s]["fid"][0] for s in xs])
         sd = np.array([steps[s]["fid"][1] for s in xs])
         ax.plot(xs, ys, marker="o", label=v)
-        if len(seeds) > 1:
+        if band:
             ax.fill_between(xs, ys - sd, ys + sd, alpha=0.2)
     ax.set_xlabel("training steps")
     ax.set_ylabel("FID (classifier features)")
-    ax.set_title("FID vs steps (paper Fig. 5 analogue)")
-    ax.legend()
+    ax.set_title("FID vs steps" + (f": mean over {len(seeds)} seeds, band ± 1 sample std" if band else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fid_vs_steps.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for v, steps in agg.items():
         last = max(steps)
-        ax.scatter([info[v]["gflops"]], [steps[last]["fid"][0]], label=v, s=40)
-    ax.set_xlabel("GFLOPs per forward (one sample, MACs)")
+        ax.errorbar([info[v]["gflops"]], [steps[last]["fid"][0]], yerr=[steps[last]["fid"][1]] if band else None,
+                    fmt="o", capsize=4, label=v)
+    ax.set_xlabel("GFLOPs per forward (one sample, MACs, active experts)")
     ax.set_ylabel("final FID (classifier features)")
-    ax.set_title("FID vs GFLOPs (paper Fig. 4 analogue)")
-    ax.legend()
+    ax.set_title("final FID vs GFLOPs" + (f": mean ± 1 sample std over {len(seeds)} seeds" if band else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fid_vs_gflops.png", dpi=120)
     plt.close(fig)
 
-    curves = _loss_curves(results, out)
+    curves = {v: c for v, c in _loss_curves(results, out).items() if v in labels}
     loss_lines = []
+    ref = _reference(labels)
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         for v, (steps, ys) in curves.items():
@@ -448,64 +608,80 @@ def write_report(results: dict, out: Path) -> Path:
             for ax, sel in ((axes[0], slice(None)), (axes[1], late)):
                 ax.plot(steps[sel], mean[sel], label=v)
                 if len(ys) > 1:
-                    sd = ys.std(0)
+                    sd = ys.std(0, ddof=1)
                     ax.fill_between(steps[sel], (mean - sd)[sel], (mean + sd)[sel], alpha=0.15)
         axes[0].set_yscale("log")
-        axes[0].set_title("training MSE, mean over seeds")
-        axes[1].set_title("the last two thirds, linear scale")
+        axes[0].set_title("training MSE, mean over seeds" + (" (band ± 1 sample std)" if band else ""), fontsize=9)
+        axes[1].set_title("the last two thirds, linear scale", fontsize=9)
         for ax in axes:
             ax.set_xlabel("training steps")
             ax.set_ylabel(f"training MSE ({target.split()[0]}), smoothed")
-            ax.legend()
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "loss_vs_steps.png", dpi=120)
         plt.close(fig)
-        # Mean MSE over the last quarter of training, per seed; paired differences against Switch-DiT.
-        loss_lines = ["", f"Training MSE ({target}; interval means logged every "
-                      f"{int(np.diff(next(iter(curves.values()))[0][:2])[0]) if len(next(iter(curves.values()))[0]) > 1 else 1}"
-                      " steps) averaged over the last quarter of training, mean ± std over seeds, and its paired "
-                      "difference to Switch-DiT (same seed, same data order and noise):", "",
-                      "| model | final-quarter MSE | minus Switch-DiT's (paired) |", "|---|---|---|"]
+        # Mean MSE over the last quarter of training, per seed; paired differences against the reference variant.
+        first = next(iter(curves.values()))[0]
+        every = int(np.diff(first[:2])[0]) if len(first) > 1 else 1
+        loss_lines = ["", f"Training MSE ({target}; interval means logged every {every} steps) averaged over the last "
+                      f"quarter of training, mean ± sample std over seeds, and its paired difference to {ref}'s "
+                      "(same seed, same data order and noise):", "",
+                      f"| model | final-quarter MSE | minus {ref}'s (paired) |", "|---|---|---|"]
         tail = {}
         for v, (steps, ys) in curves.items():
             sel = steps > steps[-1] * 0.75
             tail[v] = ys[:, sel].mean(1)
         for v, vals in tail.items():
             diff = ""
-            if "Switch-DiT" in tail and v != "Switch-DiT" and len(tail["Switch-DiT"]) == len(vals):
-                d = vals - tail["Switch-DiT"]
-                diff = f"{d.mean():+.5f} ± {d.std():.5f} ({int((d > 0).sum())}/{len(d)} seeds higher)"
-            loss_lines.append(f"| {v} | {vals.mean():.5f} ± {vals.std():.5f} | {diff} |")
-    verdicts = conclusions(results, agg)
+            if ref in tail and v != ref and len(tail[ref]) == len(vals):
+                d = vals - tail[ref]
+                diff = f"{d.mean():+.5f} ± {_sd(d):.5f} ({int((d > 0).sum())}/{len(d)} seeds higher)"
+            loss_lines.append(f"| {v} | {vals.mean():.5f} ± {_sd(vals):.5f} | {diff} |")
+    verdicts = conclusions(results, agg) if labels == list(VARIANTS) else []
 
     objective = {"flow": "flow matching (linear interpolant, velocity target)"}.get(cfg.get("objective"), "DDPM")
-    lines = [f"# DiT vs DTR vs Switch-DiT on Fashion-MNIST: {objective}", "",
+    data = _DATA_NAMES.get(cfg.get("data", "fashion-mnist"), cfg.get("data"))
+    if cfg.get("data_path"):
+        data += f" ({cfg['data_path']})"
+    ref_set = cfg.get("reference", {"split": "train", "num": 10_000})
+    lines = [f"# {' vs '.join(labels)} on {data}: {objective}", "",
              f"Size {cfg.get('size')}/{cfg.get('patch')}, image size {cfg.get('image_size')}, "
              f"global batch {cfg.get('global_batch_size')}, lr {cfg.get('lr')}, {cfg.get('max_steps')} steps, "
-             f"seeds {seeds}; the three runs differ only in routing. Metrics: {cfg.get('num_samples')} samples "
-             f"({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance {cfg.get('cfg_scale')}; "
-             f"objective {cfg.get('objective', 'ddpm')}) "
-             "scored with the bundled Fashion-MNIST classifier's features against 10,000 training images. "
-             "These numbers are not comparable with Inception-based FID/IS.", "",
+             f"seeds {seeds}; the runs differ only in routing (and the options their labels name). Metrics: "
+             f"{cfg.get('num_samples')} samples ({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance "
+             f"{cfg.get('cfg_scale')}; objective {cfg.get('objective', 'ddpm')}; sampling batches of 100, which "
+             "matters only for expert choice over the batch) scored with the bundled Fashion-MNIST classifier's "
+             f"features against {ref_set['num']:,} images of the {ref_set['split']} split of the training data. "
+             "These numbers are not comparable with Inception-based FID/IS. ± is the sample standard deviation over "
+             "seeds (ddof = 1).", "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
                 "rerunning the command resumes them.", ""] if set(asked) - set(seeds) else []),
+             *([f"Runs taken over from an earlier comparison (same config and evaluation; their first "
+                f"{next(r['reuse_check_steps'] for r in runs.values() if r.get('reused_from'))} training steps "
+                "retrained here to bit-identical losses): "
+                + ", ".join(f"{k} from `{r['reused_from']}`" for k, r in runs.items() if r.get("reused_from")), ""]
+               if any(r.get("reused_from") for r in runs.values()) else []),
              "Train times are wall-clock seconds on a machine shared with other work, not a speed comparison "
-             "(benchmarks/bench_switch.py measures step-time ratios).", "",
-             "| model | params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(benchmarks/bench_switch.py and benchmarks/bench_moe.py measure step-time ratios side by side). "
+             "Active params: the parameters that act on one token (token-routed variants: the experts a token "
+             "does not reach left out); GFLOPs count the active experts.", "",
+             "| model | params (M) | active params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) "
+             "| ms / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():
         for s, m in steps.items():
-            fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if len(seeds) > 1 else ""))
-            lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['gflops']:.3f} | {s} | {fmt('fid')} | "
-                         f"{fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
-                         f"{np.mean(info[v]['time']):.0f} |")
+            fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if band else ""))
+            lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['active']:.2f} | {info[v]['gflops']:.4f} | {s} | "
+                         f"{fmt('fid')} | {fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
+                         f"{np.mean(info[v]['time']):.0f} | {np.mean(info[v]['ms']):.0f} |")
     lines += loss_lines
+    lines += pair_lines(results, agg, labels)
     lines += routing_lines(results)
+    lines += token_routing_lines(results, labels, out)
     if verdicts:
         lines += ["", "## Conclusion, checkpoint by checkpoint", "",
                   "Is Switch-DiT's FID lower? The gap is given in seed standard deviations (the gap over the pooled "
-                  "std of the two variants across seeds); 'paired seeds' compares runs with the same seed, data "
+                  "sample std of the two variants across seeds); 'paired seeds' compares runs with the same seed, data "
                   "order and noise. The answer is **yes** or **no** only when the gap exceeds 2 seed std and every "
                   "paired seed agrees; otherwise it is **within seed noise**.", "", *verdicts]
     discussion = out / "discussion.md"  # a hand-written reading of the numbers, kept when the report is rewritten
@@ -516,10 +692,11 @@ def write_report(results: dict, out: Path) -> Path:
     if curves:
         pics += " ![training loss vs steps](loss_vs_steps.png)"
     lines += ["", pics, ""]
-    for img in sorted(out.glob("*_grid.png")) + sorted(out.glob("*routing*.png")):
+    for img in sorted(out.glob("*_grid.png")) + sorted(out.glob("*routing_map.png")) + \
+            sorted(out.glob("*routing_affinity.png")):
         lines.append(f"![{img.stem}]({img.name})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 
 
-__all__ = ["run_comparison", "write_report", "VARIANTS"]
+__all__ = ["run_comparison", "write_report", "parse_variant", "paired_comparison", "VARIANTS"]

@@ -210,7 +210,54 @@ def _optional(typ):
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+# One help line per option (every command shows them); CHOICES for the options with a fixed set of values.
+FIELD_HELP = {
+    "model": "VARIANT-SIZE/PATCH: VARIANT DiT, DTR, Switch-DiT, TC-MoE or EC-MoE; SIZE XS, Ti, S, B, L, XL; PATCH 2, 4 "
+             "or 8; may carry options as NAME:option=value,... (e.g. Switch-DiT-S/2:lambda_dp=0)",
+    "num_experts": "Switch-DiT: experts per block (M)", "top_k": "Switch-DiT: experts each timestep uses (k)",
+    "lambda_dp": "Switch-DiT: weight of the diffusion prior loss (0 = gates without the prior)",
+    "mask_form": "Switch-DiT: mask 1 + sum_j g_j E_j(z) (one_plus, the authors' code) or the paper's sum_j g_j E_j(z)",
+    "prior_alpha": "Switch-DiT: the prior table's DTR alpha", "dtr_alpha": "DTR: window position exponent alpha",
+    "dtr_beta": "DTR: fraction of channels active per task", "class_dropout_prob": "label dropout for guidance",
+    "moe_experts": "TC-MoE / EC-MoE: routed experts per block",
+    "moe_top_k": "TC-MoE: experts per token; EC-MoE: mean experts per token (its capacity factor)",
+    "moe_shared": "TC-MoE / EC-MoE: always-on shared experts",
+    "moe_capacity_factor": "TC-MoE in training: slots per expert over the balanced share (0 = dropless)",
+    "moe_aux_alpha": "TC-MoE: load-balancing loss weight", "moe_scope": "EC-MoE: experts choose among the batch's "
+    "tokens (batch) or each sample's (sample)",
+    "learn_sigma": "predict the variance too (DDPM)", "grad_checkpointing": "recompute activations in backward",
+    "data": "training data", "data_path": "its folder (fashion-mnist: the Debian package's by default)",
+    "image_size": "image size in pixels", "skip_corrupt": "skip unreadable images instead of stopping",
+    "vae": "a local AutoencoderKL folder (latent data; sampling decodes with it)",
+    "num_workers": "data loader worker processes", "objective": "ddpm (the paper) or flow (flow matching)",
+    "t_sampling": "flow: training times uniform or logit-normal", "noise_schedule": "DDPM beta schedule",
+    "diffusion_steps": "DDPM timesteps T", "loss_weighting": "per-timestep loss weighting",
+    "min_snr_gamma": "min_snr: gamma", "p2_k": "p2: k", "p2_gamma": "p2: gamma", "uw_intervals": "uw: intervals",
+    "uw_lr": "uw: learning rate of the uncertainty weights", "global_batch_size": "batch over all processes",
+    "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay", "warmup_steps": "linear lr warm-up steps",
+    "max_grad_norm": "gradient clipping (0 = off)", "max_steps": "training steps", "ema_decay": "EMA decay",
+    "ema_warmup": "EMA decay min(decay, (1 + s) / (10 + s))", "mixed_precision": "autocast precision",
+    "compile": "torch.compile the training step", "time_budget": "seconds of training: a fresh run times its "
+    "first steps and trains what fits (0 = off)", "results_dir": "run folder (checkpoints, logs, config.yaml)",
+    "global_seed": "seed of everything random (sampling: per-sample seeds seed * 1000003 + i)",
+    "log_every": "steps between log lines", "ckpt_every": "steps between checkpoints",
+    "keep_last": "checkpoints kept", "sample_every": "steps between sample grids (0 = off)",
+    "device": "auto, cpu, cuda or cuda:N", "resume": "a checkpoint, or auto = the newest in --results-dir (the "
+    "run's config.yaml supplies its options)", "tensorboard": "write a TensorBoard log",
+    "wandb": "log to wandb (offline)", "sampler": "sampler", "num_sampling_steps": "sampling steps (model calls)",
+    "cfg_scale": "classifier-free guidance scale (1 = none)",
+    "cfg_channels": "channels guidance applies to (default all; 3 reproduces DiT's sampler)",
+    "ddim_eta": "DDIM eta (0 = deterministic)",
+}
+CHOICES = {"mask_form": ("one_plus", "paper"), "moe_scope": ("batch", "sample"),
+           "data": ("fashion-mnist", "digits", "folder", "latents"), "objective": ("ddpm", "flow"),
+           "t_sampling": ("uniform", "logit-normal"), "noise_schedule": ("linear", "cosine"),
+           "loss_weighting": ("constant", "min_snr", "p2", "uw"), "mixed_precision": ("no", "fp16", "bf16"),
+           "sampler": ("ddpm", "ddim", "dpm++", "euler", "heun", "euler-maruyama")}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                         defaults_from: str | None = None) -> None:
     """One flag per Config field (--global-batch-size ...); defaults are SUPPRESSed so that the layering
     defaults < --preset < --config YAML < explicit flags can tell what was given."""
     parser.add_argument("--config", help="YAML file whose keys are these options (dashes or underscores)")
@@ -221,13 +268,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        # sample/analyze/evaluate: a model's own recorded options are the defaults, not Config's
+        shown = f"default: {defaults_from}" if defaults_from else f"default {default}"
+        choices = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
+        # choices in the help only: a wrong value meets Config.validate's one-line error, not argparse's usage dump
+        text = f"{FIELD_HELP.get(f.name, f.name.replace('_', ' '))} ({shown}{choices})"
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                                metavar="BOOL", help=f"(default {default})")
+                                metavar="BOOL", help=text)
         else:
             base = {"int": int, "float": float, "str": str}[_base_type(hints[f.name])]
             typ = _optional(base) if _is_optional(hints[f.name]) else base
-            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f"(default {default})")
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=text)
 
 
 def _base_type(f) -> str:
@@ -237,6 +289,25 @@ def _base_type(f) -> str:
 
 def _is_optional(f) -> bool:
     return isinstance(f.type, str) and f.type.startswith("Optional")
+
+
+def resumed_run_config(args: argparse.Namespace) -> dict | None:
+    """For --resume: the options the run was started with (RESULTS/config.yaml, which every run writes), so that
+    'train --results-dir R --resume auto' continues the run without repeating its flags."""
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return None
+    from pathlib import Path
+
+    if resume == "auto":
+        path = Path(getattr(args, "results_dir", None) or Config.results_dir) / "config.yaml"
+    else:
+        path = Path(resume).parent.parent / "config.yaml"  # RESULTS/checkpoints/step_X.pt -> RESULTS/config.yaml
+    if not path.is_file():
+        return None
+    saved = load_yaml(str(path))
+    saved.pop("results_dir", None)  # the folder the run is resumed in is the one given now
+    return saved
 
 
 def load_yaml(path: str) -> dict:
@@ -257,25 +328,33 @@ def load_yaml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def config_from_args(args: argparse.Namespace, base: Config | None = None, validate: bool = True) -> Config:
+def config_from_args(args: argparse.Namespace, base: Config | None = None, validate: bool = True,
+                     resumed: dict | None = None) -> Config:
+    """defaults < --preset < the resumed run's saved config < --config YAML < explicit flags."""
     values = dataclasses.asdict(base or Config())
     if getattr(args, "preset", None):
         values.update(PRESETS[args.preset])
+    if resumed:
+        known = {f.name for f in fields(Config)}
+        values.update({k: v for k, v in resumed.items() if k in known and k not in ("resume",)})
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
     known = {f.name for f in fields(Config)}
     given = {k: v for k, v in vars(args).items() if k in known}
     values.update(given)
+    if isinstance(values.get("model"), str) and ":" in values["model"]:  # a variant spec: NAME:option=value,...
+        values, given = _apply_model_spec(values, given)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; see --help for the list")
     cfg = Config(**values)
+    cfg._given = set(given)  # the flags given explicitly: a foreign checkpoint's recorded settings yield to them
     return cfg.validate() if validate else cfg
 
 
 def apply_sampling_options(cfg: Config, args: argparse.Namespace,
                            keys=("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels", "ddim_eta",
-                                 "global_seed", "device", "vae")) -> Config:
+                                 "global_seed", "device", "vae", "noise_schedule")) -> Config:
     """Sampling options given on the command line win over a checkpoint's; checked against its objective."""
     for k in keys:
         v = getattr(args, k, None)
@@ -287,11 +366,34 @@ def apply_sampling_options(cfg: Config, args: argparse.Namespace,
     return cfg.validate()
 
 
+def _apply_model_spec(values: dict, given: dict) -> tuple[dict, dict]:
+    """'--model Switch-DiT-S/2:lambda_dp=0' sets lambda_dp as the comparison's variant specs do; an option also
+    given as its own flag with another value is a one-line error."""
+    name, _, opts = values["model"].partition(":")
+    by_name = {f.name: f for f in fields(Config)}
+    values = {**values, "model": name}
+    given = {**given, "model": name} if "model" in given else given
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in by_name or key == "model":
+            raise ValueError(f"--model {name}:{opts}: {item!r} is not option=value with a known option "
+                             "(e.g. --model Switch-DiT-S/2:lambda_dp=0)")
+        v = _coerce(by_name[key], value.strip())
+        if key in given and given[key] != v:
+            raise ValueError(f"--model sets {key}={v} but --{key.replace('_', '-')} {given[key]} is given too; "
+                             "give it once")
+        values[key] = v
+        given[key] = v
+    return values, given
+
+
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in known})
 
 
 __all__ = ["Config", "PRESETS", "ARCH_FIELDS", "SAMPLERS", "add_config_arguments", "config_from_args",
+           "resumed_run_config",
            "apply_sampling_options", "config_from_dict",
            "load_yaml", "field"]

@@ -28,3 +28,14 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
     with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors
         model(x, t, y)
     return counter.get_total_flops() / 2 / 1e9
+
+
+def active_parameters(model) -> int:
+    """Parameters that act on one token: all of them, less the routed experts a token does not reach (token choice:
+    all but its top-k; expert choice: all but the capacity factor, on average). Works on a 'meta' model too."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in getattr(model, "mixtures", []):
+        per_expert = sum(p[0].numel() for p in m.experts.parameters())
+        active = getattr(m, "top_k", None) or m.capacity_factor
+        total -= round((m.num_experts - active) * per_expert)
+    return total

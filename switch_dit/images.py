@@ -37,3 +37,21 @@ def save_png(array: np.ndarray, path: str | os.PathLike, scale: int = 1) -> None
     tmp = f"{path}.tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
+
+
+def label_rows(grid: np.ndarray, names: list[str], scale: int = 1, pad: int = 2) -> np.ndarray:
+    """The grid up-scaled by scale, with each row of tiles named in a white margin on the left."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).convert("RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    width = max(draw.textlength(n) for n in names) + 8
+    out = Image.new("RGB", (img.width + int(width), img.height), "white")
+    out.paste(img, (int(width), 0))
+    draw = ImageDraw.Draw(out)
+    row = (img.height - pad * scale) / len(names)
+    for i, name in enumerate(names):
+        draw.text((4, pad * scale + i * row + row / 2 - 6), name, fill="black")
+    return np.asarray(out)

@@ -7,84 +7,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, config_from_dict
+from .config import Config
 from .diffusion import create_diffusion
 from .diffusion.gaussian import GaussianDiffusion
-from .factory import build_model
 from .images import make_grid, save_png, to_uint8
 from .models.dit import DiT
 from .utils import dist as du
 
 
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-PRETRAINED = {"fashion-mnist": "switch-dit-fashion-mnist.safetensors"}
-
-
-def resolve_pretrained(path: str) -> str:
-    """'pretrained:NAME' (what --pretrained NAME passes) -> the packaged file; other paths unchanged."""
-    if not str(path).startswith("pretrained:"):
-        return path
-    name = str(path).split(":", 1)[1]
-    if name not in PRETRAINED:
-        raise ValueError(f"--pretrained {name}: no such model; available: {', '.join(PRETRAINED)}")
-    file = PRETRAINED_DIR / PRETRAINED[name]
-    if not file.is_file():
-        raise FileNotFoundError(f"--pretrained {name}: {file} is missing from this installation (it ships as "
-                                "package data): reinstall switch-dit from its repository (pip install -e .), or "
-                                "train your own with 'switch-dit demo' and pass its checkpoint")
-    return str(file)
-
-
-def load_model_for_sampling(path: str, use_ema: bool = True, cfg_overrides: Config | None = None):
-    """(model in eval mode, Config, step) from a switch-dit checkpoint, or from another code's state dict
-    (a released DiT-XL-2-256x256.pt, a checkpoint of the authors' Switch-DiT or DTR code), for which
-    cfg_overrides supplies --model, --image-size and --top-k."""
-    from .models.compat import authors_variant, from_authors_state_dict, strip_wrapper_prefixes
-    from .models.dit import parse_model_name
-
-    path = resolve_pretrained(path)
-    if str(path).endswith(".safetensors"):  # an exported model (switch-dit export, or --pretrained)
-        weights, meta = ckpt.load_exported(path)
-        cfg = config_from_dict(meta["config"])
-        model = build_model(cfg, meta["in_channels"], meta["input_size"], meta["num_classes"])
-        model.load_state_dict(weights)
-        return model.eval(), cfg, meta["step"]
-    saved = ckpt.load(path)
-    if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:
-        missing = [k for k in ("config", "in_channels", "input_size", "num_classes", "ema", "model") if k not in saved]
-        if missing:
-            raise ckpt.CheckpointError(f"{path} is a switch-dit checkpoint without {', '.join(missing)}; "
-                                       "it is damaged: use another checkpoint")
-        cfg = config_from_dict(saved["config"])
-        model = build_model(cfg, saved["in_channels"], saved["input_size"], saved["num_classes"])
-        model.load_state_dict(saved["ema" if use_ema else "model"])
-        return model.eval(), cfg, saved.get("step")
-    state = saved.get("ema" if use_ema else "model", saved.get("model", saved)) if isinstance(saved, dict) else None
-    if isinstance(state, dict):
-        state = strip_wrapper_prefixes(state)
-    if not isinstance(state, dict) or "pos_embed" not in state or "x_embedder.proj.weight" not in state:
-        raise ckpt.CheckpointError(f"{path} is neither a switch-dit checkpoint nor a DiT state dict")
-    cfg = cfg_overrides or Config(model="DiT-XL/2", image_size=256)
-    variant = authors_variant(state)
-    if variant != "DiT" or parse_model_name(cfg.model)[0] != "DiT":
-        if parse_model_name(cfg.model)[0] != variant:
-            size = cfg.model.split("-")[-1]
-            raise ckpt.CheckpointError(f"{path} holds a {variant} model, not {cfg.model}: pass --model {variant}-{size}")
-        if variant == "Switch-DiT":
-            cfg.num_experts = state["routers.0.experts.w"].shape[0]
-        state = from_authors_state_dict(state)
-    w = state["x_embedder.proj.weight"]
-    in_channels = w.shape[1]
-    rows = state["y_embedder.embedding_table.weight"].shape[0]
-    num_classes = 1 if rows == 1 else rows - 1  # one row: unconditional, no null class
-    input_size = int(state["pos_embed"].shape[1] ** 0.5) * w.shape[-1]
-    model = build_model(cfg, in_channels, input_size, num_classes)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{path} does not fit --model {cfg.model}: {str(e).splitlines()[0]}") from None
-    return model.eval(), cfg, None
+# Loading lives in switch_dit.loading; these names stay importable from here.
+from .loading import PRETRAINED, PRETRAINED_DIR, resolve_pretrained  # noqa: F401
+from .loading import load_model as load_model_for_sampling  # noqa: F401
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -96,7 +29,7 @@ def sampling_diffusion(cfg: Config) -> GaussianDiffusion:
     jumps to clean data (stepping on to t = 0 would make the last second-order step extrapolate across the
     steep end of the log-SNR curve)."""
     spacing = {"ddim": f"ddim{cfg.num_sampling_steps}",
-               "dpm++": f"trailing{cfg.num_sampling_steps}"}.get(cfg.sampler, str(cfg.num_sampling_steps))
+               "dpm++": f"linspace{cfg.num_sampling_steps}"}.get(cfg.sampler, str(cfg.num_sampling_steps))
     try:
         return create_diffusion(spacing, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                 diffusion_steps=cfg.diffusion_steps)
@@ -208,25 +141,69 @@ def sample_images(model: DiT, cfg: Config, num_samples: int, device, vae=None, b
     return np.concatenate(chunks)
 
 
-def write_grid(path: str, grid: np.ndarray, scale: int = 1) -> str:
+def write_grid(path: str, grid: np.ndarray, scale: int = 1, row_names: list[str] | None = None) -> str:
+    """The grid as PNG, up-scaled; row_names (one per row of tiles) are written in a margin on the left."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if row_names:
+        from .images import label_rows
+        grid = label_rows(grid, row_names, scale)
+        scale = 1
     save_png(grid, path, scale=scale)
     return str(path)
 
 
+def npz_to_png_folder(npz: str, folder: str) -> str:
+    """The samples of an .npz as one PNG file each (000000.png, ...), with the manifest beside them."""
+    import json
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with np.load(npz) as d:
+        images = d["arr_0"]
+        manifest = str(d["manifest"]) if "manifest" in d else None
+    for i, im in enumerate(images):
+        save_png(im, out / f"{i:06d}.png")
+    if manifest:
+        (out / "manifest.json").write_text(json.dumps(json.loads(manifest), indent=1))
+    return str(out)
+
+
 def sample_npz(model: DiT, cfg: Config, num_samples: int, out_path: str, batch_size: int = 32,
-               num_classes: int | None = None, vae=None, progress: bool = True) -> str | None:
-    """ADM-format .npz (uint8 NHWC under arr_0, labels under arr_1) of num_samples samples.
+               num_classes: int | None = None, vae=None, progress: bool = True, manifest: dict | None = None,
+               overwrite: bool = False) -> str | None:
+    """ADM-format .npz (uint8 NHWC under arr_0, labels under arr_1, the manifest as JSON under 'manifest') of
+    num_samples samples.
 
     Sample i has its own seed (global_seed, i) and label, so the set does not depend on the number of
-    processes; chunks of batch_size are written to OUT.parts/ as they finish and skipped on a rerun."""
+    processes; chunks of batch_size are written to OUT.parts/ as they finish and skipped on a rerun. The parts
+    folder records the manifest (provenance.sampling_manifest) of what it samples: a rerun with other settings
+    refuses to mix them in (``overwrite`` discards them instead)."""
+    import json
+    import shutil
+
+    from .provenance import manifest_differences
+
     info = du.setup(cfg.device)
     device = info.device
     model = model.to(device).eval()
     num_classes = num_classes or model.num_classes
     parts = Path(str(out_path) + ".parts")
+    if Path(out_path).is_dir():  # every rank checks what every rank can read, so all stop alike
+        raise ValueError(f"--out {out_path} is a folder; give the .npz file to write")
+    if overwrite and info.is_main and parts.exists():
+        shutil.rmtree(parts)
+    du.barrier()
+    saved = parts / "manifest.json"
+    if manifest is not None and parts.is_dir() and any(parts.glob("[0-9]*.npz")):
+        old = json.loads(saved.read_text()) if saved.is_file() else None
+        diffs = ["no manifest (written by an earlier version)"] if old is None else manifest_differences(old, manifest)
+        if diffs:
+            raise ValueError(f"{parts} holds samples drawn with other settings ({'; '.join(diffs)}): pass "
+                             "--overwrite to discard them, or choose another --out")
     if info.is_main:
         parts.mkdir(parents=True, exist_ok=True)
+        if manifest is not None:
+            saved.write_text(json.dumps(manifest, indent=1))
     du.barrier()
     diffusion = sampling_diffusion(cfg)
     chunks = list(range(0, num_samples, batch_size))
@@ -264,8 +241,11 @@ def sample_npz(model: DiT, cfg: Config, num_samples: int, out_path: str, batch_s
         raise RuntimeError(f"sample parts in {parts} do not cover 0..{num_samples - 1} exactly; delete the folder and rerun")
     images = np.concatenate(images)[order]
     labels = np.concatenate(labels)[order]
+    if images.shape[-1] == 1:  # the ADM evaluator reads (N, H, W, 3): grey repeated
+        images = np.repeat(images, 3, axis=-1)
     tmp = str(out_path) + ".tmp.npz"
-    np.savez(tmp, arr_0=images, arr_1=labels)
+    extra = {"manifest": np.array(json.dumps(manifest))} if manifest is not None else {}
+    np.savez(tmp, arr_0=images, arr_1=labels, **extra)
     os.replace(tmp, out_path)
     du.teardown()
     return str(out_path)

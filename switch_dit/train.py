@@ -214,6 +214,9 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         cfg.vae = dataset.meta["vae"]  # recorded so that sampling can decode
     torch.manual_seed(cfg.global_seed)  # the same initial weights on every process and every run
     model = build_model(cfg, C, H, dataset.num_classes).to(device)
+    # what switch_dit.load attaches, so that the trained model (and its EMA) can save_pretrained / sample by name
+    model.config, model.step, model.source = cfg, None, str(results)
+    model.class_names = list(getattr(dataset, "class_names", None) or map(str, range(dataset.num_classes)))
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)  # EMA kept in fp32
     # The generative process: DDPM (the paper) or flow matching (--objective flow); both give training_losses.
     diffusion = FlowMatching(cfg.t_sampling) if cfg.objective == "flow" else create_diffusion(
@@ -264,9 +267,16 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                        start_step=start_step)
     if info.is_main:
         (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
-        print(f"[switch-dit] {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(dataset)} training items of shape {dataset.shape}, {info.world_size} process(es) on {device}, "
+        from .flops import active_parameters
+        total, active = sum(p.numel() for p in model.parameters()), active_parameters(model)
+        print(f"[switch-dit] {cfg.model}: {total / 1e6:.2f}M parameters"
+              + (f" ({active / 1e6:.2f}M active per token)" if active != total else "") +
+              f", {len(dataset)} training items of shape {dataset.shape}, {info.world_size} process(es) on {device}, "
               f"steps {start_step} -> {cfg.max_steps}", flush=True)
+        if dataset.num_classes > 1:  # the label each class trains under, as --class-labels and grids name them
+            names = model.class_names
+            print("[switch-dit] classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(names[:20]))
+                  + (f", ... ({len(names)} in all)" if len(names) > 20 else ""), flush=True)
 
     bar = None
     if progress and info.is_main:
@@ -352,7 +362,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 means = (_mean_over_ranks(interval_sums) / steps_since).tolist()
                 interval_sums.zero_()
                 # the aux term is the diffusion prior's (Switch-DiT) or the load-balancing loss (TC-MoE)
-                vals = dict(zip(("loss", "mse", "vb", "balance_loss" if model.mixtures else "prior_loss"), means))
+                balance = any(getattr(m, "aux_alpha", 0) > 0 for m in model.mixtures)  # token choice's loss
+                vals = dict(zip(("loss", "mse", "vb", "balance_loss" if balance else "prior_loss"), means))
                 if model.mixtures:  # this process's routing counters over the interval (one host read per log)
                     tokens, computed, dropped, unrouted = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0).tolist()
                     vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)
@@ -375,13 +386,15 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 check_loss(watch.read())  # no checkpoint holds weights updated from a non-finite loss
                 if info.is_main:
-                    last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health)
+                    last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health,
+                                                     getattr(dataset, "class_names", None))
                 probe = step
                 du.barrier()
     finally:
         if bar is not None:
             bar.close()
         logger.close()
+    model.step = ema.step = step
     return {"step": step, "history": history, "checkpoint": str(last_saved) if last_saved else None,
             "results_dir": str(results), "model": model, "ema": ema, "diffusion": diffusion, "dataset": dataset}
 
@@ -415,7 +428,7 @@ def _apply_time_budget(cfg: Config, budget: dict, step: int, results: Path, bar,
 
 
 def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler,
-                        health: dict[int, float] | None = None) -> Path:
+                        health: dict[int, float] | None = None, class_names=None) -> Path:
     state = {
         "format": ckpt.FORMAT,
         "step": step,
@@ -431,6 +444,7 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
         "in_channels": model.in_channels,
         "input_size": model.x_embedder.grid_size * model.patch_size,
         "num_classes": model.num_classes,
+        "class_names": list(class_names) if class_names else None,
         "health": {int(k): float(v) for k, v in (health or {}).items()},
     }
     path = ckpt.atomic_save(state, ckpt.checkpoint_path(results / "checkpoints", step))

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from switch_dit import create_model
@@ -43,7 +44,7 @@ def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
     assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--max-steps", 1, "--results-dir", tmp_path / "d") == 0
     capsys.readouterr()
     assert run_cli("analyze", tmp_path / "d" / "checkpoints" / "step_0000001.pt") != 0
-    assert "without Switch-DiT routing" in capsys.readouterr().err
+    assert "without learned routing" in capsys.readouterr().err
 
 
 def test_analyze_function_writes_files(tmp_path):
@@ -83,3 +84,30 @@ def test_routing_record_agreement_is_that_of_the_best_matching_of_prior_columns(
     # The matching maximises agreement over column orders: no fixed order (identity, reversed) does better.
     for order in (np.arange(table.shape[1]), np.arange(table.shape[1])[::-1]):
         assert rec["prior_agreement"] >= (pattern == table[:, order]).mean() - 1e-12
+
+
+def test_analyze_cli_on_a_token_routed_model(tmp_path):
+    """analyze on TC-MoE / EC-MoE: the fraction of each timestep bin's tokens per expert, per block, from the run's
+    own data noised to every bin, with the timestep information and the load balance in routing.json."""
+    for name in ("TC-MoE-XS/2", "EC-MoE-XS/2"):
+        out = tmp_path / name[:2]
+        assert run_cli("train", *TINY, "--model", name, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", out) == 0
+        assert run_cli("analyze", out / "checkpoints" / "step_0000002.pt", "--out", out / "an") == 0
+        summary = json.loads((out / "an" / "routing.json").read_text())
+        assert (out / "an" / "token_expert_map.png").is_file()
+        assert summary["num_blocks"] == 6 and summary["num_experts"] == 8 and summary["num_bins"] == 50
+        for b in summary["blocks"]:
+            frac = np.asarray(b["map"])
+            assert frac.shape == (50, 8)
+            # each token reaches top-2 routed experts (token choice), or 2 on average (expert choice)
+            assert abs(frac.sum(1).mean() - 2.0) < 0.02
+            assert 0 <= b["timestep_information_bits"] <= 3.0 and b["max_over_mean_load"] >= 1.0
+
+
+def test_routing_information_is_zero_without_and_maximal_with_timestep_specialisation():
+    from switch_dit.analysis import routing_information
+
+    assert routing_information(np.full((10, 4), 0.5)) == pytest.approx(0.0, abs=1e-12)
+    onehot = np.zeros((4, 4))
+    onehot[np.arange(4), np.arange(4)] = 1.0  # each bin its own expert
+    assert routing_information(onehot) == pytest.approx(2.0)

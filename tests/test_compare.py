@@ -55,7 +55,7 @@ def test_flow_comparison_uses_a_flow_sampler_and_says_what_it_measured(tmp_path)
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["objective"] == "flow" and res["config"]["sampler"] == "heun"
     report = (out / "report.md").read_text()
-    assert report.startswith("# DiT vs DTR vs Switch-DiT on Fashion-MNIST: flow matching")
+    assert report.startswith("# DiT vs DTR vs Switch-DiT on scikit-learn digits: flow matching")
     assert "Training MSE (velocity;" in report and "(heun, 2 steps" in report
     assert "## Learned routing at the end of training" in report
     assert res["runs"]["Switch-DiT/seed0"]["routing"]["num_timesteps"] == 1000
@@ -66,3 +66,36 @@ def test_flow_comparison_uses_a_flow_sampler_and_says_what_it_measured(tmp_path)
     write_report(res, out)
     assert "## Discussion" in (out / "report.md").read_text() and "Routing follows the prior." in \
         (out / "report.md").read_text()
+
+
+def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
+    """--variants takes specs (options checked before any training), labels every table with them, records each
+    routed variant's map; --reuse takes over a finished run only after retraining its first steps bit-identically."""
+    base = ["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--max-steps", 2, "--eval-every", 2,
+            "--num-samples", 20, "--num-sampling-steps", 2, "--global-batch-size", 8, "--seeds", 0, "--no-progress",
+            "--objective", "flow"]
+    assert run_cli(*base, "--out", tmp_path / "bad", "--variants", "DiT", "Switch-DiT:lamda_dp=0") == 2
+    assert "lamda_dp" in capsys.readouterr().err and not (tmp_path / "bad" / "runs").exists()
+    first = tmp_path / "first"
+    assert run_cli(*base, "--out", first, "--variants", "DiT", "Switch-DiT:lambda_dp=0", "TC-MoE", "EC-MoE") == 0
+    res = json.loads((first / "results.json").read_text())
+    assert set(res["runs"]) == {"DiT/seed0", "Switch-DiT:lambda_dp=0/seed0", "TC-MoE/seed0", "EC-MoE/seed0"}
+    assert (first / "runs" / "Switch-DiT_lambda_dp=0_seed0" / "config.yaml").read_text().count("lambda_dp: 0.0") == 1
+    tc = res["runs"]["TC-MoE/seed0"]
+    assert tc["params_m"] > 1.5 * tc["active_params_m"] and abs(tc["active_params_m"] / res["runs"]["DiT/seed0"]
+                                                               ["active_params_m"] - 1) < 0.05
+    for key in ("TC-MoE/seed0", "EC-MoE/seed0", "Switch-DiT:lambda_dp=0/seed0"):
+        assert res["runs"][key]["routing"]["expert_map"]["num_blocks"] == 6
+    report = (first / "report.md").read_text()
+    assert report.startswith("# DiT vs Switch-DiT:lambda_dp=0 vs TC-MoE vs EC-MoE on scikit-learn digits")
+    assert "| Switch-DiT:lambda_dp=0 vs TC-MoE | 2 |" in report and "## Which experts each timestep reaches" in report
+    assert (first / "routing_side_by_side.png").is_file() and (first / "TC-MoE_routing_map.png").is_file()
+    second = tmp_path / "second"
+    assert run_cli(*base, "--out", second, "--variants", "DiT", "TC-MoE:moe_aux_alpha=0.1", "--reuse", first,
+                   "--reuse-check-steps", 2) == 0
+    res2 = json.loads((second / "results.json").read_text())
+    assert res2["runs"]["DiT/seed0"]["reused_from"].endswith("DiT_seed0")
+    assert res2["runs"]["DiT/seed0"]["evals"] == res["runs"]["DiT/seed0"]["evals"]
+    assert not (second / "runs" / "DiT_seed0" / "checkpoints").exists()  # taken over, not retrained
+    assert "reused_from" not in res2["runs"]["TC-MoE:moe_aux_alpha=0.1/seed0"]  # another config: trained
+    assert "Runs taken over from an earlier comparison" in (second / "report.md").read_text()

@@ -153,7 +153,8 @@ def test_samplers_deterministic_under_seed(sampler):
     full = loop(model, (4, 1, 8, 8), model_kwargs=dict(y=y), generator=gens([10, 11, 12, 13]))
     first = loop(model, (2, 1, 8, 8), model_kwargs=dict(y=y[:2]), generator=gens([10, 11]))
     second = loop(model, (2, 1, 8, 8), model_kwargs=dict(y=y[2:]), generator=gens([12, 13]))
-    assert torch.allclose(full, torch.cat([first, second]), atol=1e-5)
+    # equal up to float noise: other batch shapes take other GEMM blockings (relative 1e-7, grown by the sampler)
+    assert torch.allclose(full, torch.cat([first, second]), rtol=1e-4, atol=1e-5 * float(full.abs().max()))
 
 
 def test_ddim_with_oracle_eps_recovers_the_single_data_point():

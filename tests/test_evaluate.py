@@ -50,7 +50,8 @@ def test_evaluate_npz_of_real_images_beats_noise(tmp_path, capsys):
     scores = {}
     for name in ("real", "noise"):
         capsys.readouterr()
-        assert run_cli("evaluate", "--npz", tmp_path / f"{name}.npz", "--ref-limit", 2000, "--cache-dir", tmp_path,
+        assert run_cli("evaluate", "--npz", tmp_path / f"{name}.npz", "--ref-data", "fashion-mnist", "--ref-limit",
+                       2000, "--cache-dir", tmp_path,
                        "--out", tmp_path / f"{name}.json") == 0
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert scores["real"]["fid"] < 0.1 * scores["noise"]["fid"]
@@ -85,8 +86,8 @@ def test_missing_inception_says_how_to_install(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no such file"):
         find_inception(str(tmp_path / "none.pt"))
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
-    code = run_cli("evaluate", "--npz", tmp_path / "s.npz", "--features", "inception", "--inception",
-                   tmp_path / "none.pt")
+    code = run_cli("evaluate", "--npz", tmp_path / "s.npz", "--ref-data", "digits", "--features", "inception",
+                   "--inception", tmp_path / "none.pt")
     assert code != 0 and "none.pt" in capsys.readouterr().err
 
 

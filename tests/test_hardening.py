@@ -168,7 +168,7 @@ def tiny_ckpt(tmp_path_factory):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--per-class", "0"], "--per-class must be >= 1"),
     (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
-    (["--class-labels", "12"], "--class-labels must lie in [0, 9]"),
+    (["--class-labels", "12"], "class 12 is out of range: this model has classes 0..9"),
     (["--sampler", "euler"], "--sampler euler does not apply to this ddpm model: use one of ddpm, ddim, dpm++"),
 ])
 def test_bad_sampling_input_is_one_line(tiny_ckpt, tmp_path, capsys, args, words):
@@ -194,3 +194,48 @@ def test_errors_under_torchrun_are_printed_by_rank_zero_only(tmp_path, capsys, m
     capsys.readouterr()
     assert run_cli("train", *TINY, "--image-size", 0, "--results-dir", tmp_path / "r") == 2
     assert capsys.readouterr().err == ""
+
+
+def _race(args):
+    import time
+
+    from switch_dit.checkpoint import RunLock
+
+    folder, start_at, hold = args
+    lock = RunLock(folder)
+    while time.time() < start_at:  # all contenders start together
+        pass
+    try:
+        lock.acquire()
+    except ValueError:
+        return 0
+    time.sleep(hold)  # keep it while the others try
+    lock.release()
+    return 1
+
+
+def test_the_run_lock_cannot_be_raced(tmp_path):
+    """Two to eight processes take RESULTS/.lock at the same instant, 120 times: exactly one wins every time, and
+    a stale lock (a dead pid, or a live pid whose start time differs: pid reuse) is taken over by exactly one."""
+    import json
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("fork")
+    with ctx.Pool(8) as pool:
+        for trial in range(120):
+            n = 2 + trial % 7
+            folder = tmp_path / f"t{trial}"
+            folder.mkdir()
+            if trial % 3 == 1:  # a stale lock left by a dead run
+                (folder / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": os.uname().nodename}))
+            elif trial % 3 == 2:  # our own pid, recorded with another start time: a reused pid
+                (folder / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                                          "start": -1}))
+            start = time.time() + 0.05
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wins = pool.map(_race, [(folder, start, 0.05)] * n)
+            assert sum(wins) == 1, (trial, n, wins)
+            assert not (folder / ".lock").exists()

@@ -144,3 +144,14 @@ def test_flow_training_and_sampling(tmp_path):
     for sampler in ("euler", "heun", "euler-maruyama"):
         assert run_cli("sample", out / "checkpoints" / "step_0000002.pt", "--sampler", sampler,
                        "--num-sampling-steps", 2, "--per-class", 1, "--out", tmp_path / f"{sampler}.png") == 0
+
+
+def test_train_takes_a_variant_spec_as_its_model(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2:moe_experts=4,moe_shared=0", "--max-steps", 1,
+                   "--results-dir", out) == 0
+    state = load_state(out / "checkpoints" / "step_0000001.pt")
+    assert state["config"]["model"] == "TC-MoE-XS/2" and state["config"]["moe_experts"] == 4
+    assert state["model"]["blocks.0.mlp.experts.w1"].shape[0] == 4
+    assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2:moe_experts=4", "--moe-experts", 6, "--max-steps", 1,
+                   "--results-dir", tmp_path / "x") == 2

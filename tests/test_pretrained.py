@@ -29,6 +29,26 @@ def test_file_and_card_agree():
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_the_cards_config_agrees_with_its_training_command():
+    """Every option the command sets that changes the weights has that value in the recorded config; the others
+    (when to stop, save and draw grids) are the last sitting's, and the card says so."""
+    from switch_dit.cli import build_parser
+    from switch_dit.config import PRESETS
+
+    card = json.loads(CARD.read_text())
+    args = build_parser().parse_args(card["train_command"].split()[1:])
+    cadence = {"max_steps", "ckpt_every", "sample_every", "keep_last", "resume", "results_dir", "time_budget"}
+    sampling = {"sampler", "num_sampling_steps", "cfg_scale"}  # the shipped model's defaults, set by the export
+    given = {k: v for k, v in vars(args).items() if k in card["config"]}
+    want = {**PRESETS[args.preset], **given}
+    wrong = {k: (v, card["config"][k]) for k, v in want.items() if k not in cadence | sampling and card["config"][k] != v}
+    assert not wrong, wrong
+    differ = {k for k in cadence if k in want and card["config"].get(k) != want[k]}
+    assert differ <= {"max_steps", "ckpt_every", "sample_every"}
+    assert all(f"--{k.replace('_', '-')}" in card["config_note"] for k in differ)
+    assert "sampling defaults" in card["config_note"]
+
+
 def test_samples_are_recognised_as_their_class(tmp_path):
     """100 samples (10 per class) from `sample --pretrained fashion-mnist` with its default fast sampler
     (DPM-Solver++, 20 steps): the bundled classifier names the requested class for at least 80 of them."""

@@ -35,7 +35,8 @@ def test_npz_format(trained, tmp_path):
     assert run_cli("sample", trained, "--num-fid-samples", 10, "--batch-size", 4, "--num-sampling-steps", 3,
                    "--out", tmp_path / "s.npz", "--no-progress") == 0
     with np.load(tmp_path / "s.npz") as d:
-        assert d["arr_0"].shape == (10, 8, 8, 1) and d["arr_0"].dtype == np.uint8
+        assert d["arr_0"].shape == (10, 8, 8, 3) and d["arr_0"].dtype == np.uint8  # grey repeated, as ADM reads
+        assert (d["arr_0"][..., :1] == d["arr_0"]).all()
         assert d["arr_1"].shape == (10,) and d["arr_1"].max() < 10
 
 

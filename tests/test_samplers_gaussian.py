@@ -40,8 +40,8 @@ def _check(samples: torch.Tensor):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler, steps", [("ddpm", "250"), ("ddim", "ddim50"), ("dpm++", "trailing20"),
-                                            ("dpm++", "trailing50")])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", "250"), ("ddim", "ddim50"), ("dpm++", "linspace20"),
+                                            ("dpm++", "linspace50")])
 def test_sampler_reproduces_gaussian_data(schedule, sampler, steps):
     d = create_diffusion(steps, noise_schedule=schedule)
     noise = torch.randn(N, 1, 2, 2, generator=torch.Generator().manual_seed(1))
@@ -58,7 +58,7 @@ def test_sampler_reproduces_gaussian_data(schedule, sampler, steps):
 
 def test_a_wrong_sign_is_caught():
     """The check has teeth: flipping the sign of the noise prediction moves the samples far from the data."""
-    d = create_diffusion("trailing20")
+    d = create_diffusion("linspace20")
     model = optimal_model("linear")
 
     def flipped(x, t, **kw):
@@ -75,12 +75,12 @@ def test_dpm_solver_first_step_is_ddim():
     with more calls it differs from DDIM only by its second-order correction."""
     model = optimal_model("linear")
     noise = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(3))
-    for spacing in ("2", "trailing2"):
+    for spacing in ("2", "linspace2"):
         a = create_diffusion(spacing).dpm_solver_pp_loop(model, noise.shape, noise=noise)
         b = create_diffusion(spacing).ddim_sample_loop(model, noise.shape, noise=noise)
         assert torch.allclose(a, b, atol=1e-4)
-    a = create_diffusion("trailing5").dpm_solver_pp_loop(model, noise.shape, noise=noise)
-    b = create_diffusion("trailing5").ddim_sample_loop(model, noise.shape, noise=noise)
+    a = create_diffusion("linspace5").dpm_solver_pp_loop(model, noise.shape, noise=noise)
+    b = create_diffusion("linspace5").ddim_sample_loop(model, noise.shape, noise=noise)
     assert not torch.allclose(a, b, atol=1e-3)
 
 
@@ -89,6 +89,20 @@ def test_dpm_solver_converges_to_the_ode_solution():
     model = optimal_model("cosine")
     noise = torch.randn(500, 1, 2, 2, generator=torch.Generator().manual_seed(4))
     ref = create_diffusion("", noise_schedule="cosine").dpm_solver_pp_loop(model, noise.shape, noise=noise)
-    errs = [(create_diffusion(f"trailing{n}", noise_schedule="cosine").dpm_solver_pp_loop(
+    errs = [(create_diffusion(f"linspace{n}", noise_schedule="cosine").dpm_solver_pp_loop(
         model, noise.shape, noise=noise) - ref).abs().mean().item() for n in (25, 50, 100)]
     assert errs[0] > errs[1] > errs[2] and errs[1] / errs[2] > 2.5, errs
+
+
+def test_dpm_solver_spacing_is_what_diffusers_calls_linspace():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from switch_dit.diffusion.schedules import space_timesteps
+
+    for n in (10, 20, 50):
+        ref = DPMSolverMultistepScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
+        ref.set_timesteps(n)
+        assert sorted(space_timesteps(1000, f"linspace{n}"), reverse=True) == ref.timesteps.tolist()
+        trailing = DPMSolverMultistepScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        trailing.set_timesteps(n)
+        assert trailing.timesteps.tolist() != ref.timesteps.tolist()  # the name would be wrong

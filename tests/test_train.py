@@ -80,8 +80,11 @@ def test_keep_last_and_truncated_checkpoint(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    import switch_dit.train as train_mod
+    import sys
+
     from switch_dit.data import DigitsDataset
+
+    train_mod = sys.modules["switch_dit.train"]  # switch_dit.train is also the package's train() function
 
     out = tmp_path / "run"
     assert run_cli("train", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", out) == 0

@@ -63,10 +63,14 @@ def extract_latents(data_path, out, vae_path, image_size: int = 256, batch_size:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "done").mkdir(exist_ok=True)
-            meta = {"num_items": n, "shape": list(shape[2:]), "scale_factor": vae_scale(vae), "vae": str(vae_path),
-                    "image_size": image_size, "num_classes": dataset.num_classes, "class_names": dataset.class_names}
+            meta = {"num_items": n, "shape": list(shape[2:]), "scale_factor": vae_scale(vae),
+                    "vae": str(Path(vae_path).resolve()), "image_size": image_size, "num_classes": dataset.num_classes,
+                    "class_names": dataset.class_names, "source": str(Path(data_path).resolve())}
             old = out / "meta.json"
-            if old.exists() and json.loads(old.read_text()) != meta:
+            prev = json.loads(old.read_text()) if old.exists() else None
+            if prev is not None and prev.get("vae") != meta["vae"]:
+                prev["vae"] = str(Path(prev["vae"]).resolve())  # written relative by earlier versions
+            if prev is not None and any(prev[k] != meta[k] for k in prev if k in meta):
                 raise DataError(f"{out} holds latents of other inputs; choose another --out or delete it")
             for name in ("mean", "std"):
                 if not (out / f"{name}.npy").exists():

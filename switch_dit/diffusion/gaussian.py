@@ -231,7 +231,7 @@ class GaussianDiffusion:
     def dpm_solver_pp_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
                            progress=False) -> torch.Tensor:
         """DPM-Solver++(2M) (Lu et al., 2022): the multistep second-order solver of the probability-flow ODE in
-        data prediction, over this diffusion's timesteps (one model call each; respace with "trailingN" for N
+        data prediction, over this diffusion's timesteps (one model call each; respace with "linspaceN" for N
         calls, as ``switch-dit sample --sampler dpm++`` does).
 
         With lambda = log(alpha / sigma) and h = lambda_next - lambda_now, a step is

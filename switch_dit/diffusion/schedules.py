@@ -24,17 +24,18 @@ def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) 
 
 def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
     """Timesteps kept when respacing. "250" or [250]: 250 evenly spread steps; "10,15,20": per equal section;
-    "ddimN": the stride-based DDIM spacing with exactly N steps; "trailingN": N steps from T-1 down to about T/N
-    (DPM-Solver++ then jumps from there to clean data, as diffusers' 'linspace' spacing); "" or None: all steps."""
+    "ddimN": the stride-based DDIM spacing with exactly N steps; "linspaceN": N steps from T-1 down to about T/N
+    (DPM-Solver++ then jumps from there to clean data): what diffusers calls 'linspace' spacing, the N + 1 points of
+    linspace(0, T - 1, N + 1) rounded, without the 0 (diffusers' 'trailing' ends one timestep lower, at T/N - 1); "" or None: all steps."""
     if section_counts in (None, "", []):
         return list(range(num_timesteps))
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     if isinstance(section_counts, str):
-        if section_counts.startswith("trailing"):  # N steps ending at T-1, the first at T/N (not at 0)
-            n = int(section_counts[len("trailing"):])
+        if section_counts.startswith("linspace"):  # N steps ending at T-1, the first at T/N (not at 0)
+            n = int(section_counts[len("linspace"):])
             if not 1 <= n <= num_timesteps:
-                raise ValueError(f"cannot take {n} trailing steps out of {num_timesteps}")
+                raise ValueError(f"cannot take {n} linspace steps out of {num_timesteps}")
             return sorted(set(np.round(np.linspace(0, num_timesteps - 1, n + 1)).astype(int)[1:].tolist()))
         if section_counts.startswith("ddim"):
             n = int(section_counts[len("ddim"):])

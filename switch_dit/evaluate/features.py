@@ -52,6 +52,10 @@ class Extractor:
     ident: str  # identifies the network and its weights, for reference-statistics caches
     has_logits: bool
     note: str
+    # which columns of the returned features FID uses, and which precision/recall (k-NN manifolds) use
+    fid_dims: slice = slice(None)
+    manifold_dims: slice = slice(None)
+    fid_dim: int = 2048  # the FID features' dimension (fewer samples than this: a rank-deficient covariance)
     progress: bool = False  # a progress bar over batches (set for large sets)
     batch: int
 
@@ -75,8 +79,16 @@ class Extractor:
 
 
 class ClassifierExtractor(Extractor):
+    """The bundled Fashion-MNIST classifier. FID uses its 128-d penultimate features; precision/recall use its
+    2048-d last convolutional features, because the penultimate ReLU features put uniform noise inside the
+    data's k-NN manifold (precision 0.3-0.6 for noise images) while the convolutional ones do not (0.0), with
+    test-vs-train precision and recall of 0.84-0.85 either way. Returned features: [penultimate | conv]."""
+
     name = "fmnist-classifier"
     has_logits = True
+    fid_dims = slice(0, 128)
+    manifold_dims = slice(128, None)
+    fid_dim = 128
     note = ("features of the bundled Fashion-MNIST classifier: not comparable with Inception-based FID/IS "
             "from papers")
 
@@ -85,7 +97,7 @@ class ClassifierExtractor(Extractor):
         path = Path(path or WEIGHTS)
         self.model = load_classifier(path, device)
         self.device, self.batch = device, batch
-        self.ident = f"{self.name}:{_file_hash(path)}"
+        self.ident = f"{self.name}+conv:{_file_hash(path)}"  # '+conv': caches of penultimate-only features rebuild
 
     @torch.no_grad()
     def __call__(self, images):
@@ -94,8 +106,9 @@ class ClassifierExtractor(Extractor):
             x = to_float(images[s: s + self.batch]).to(self.device)
             if x.shape[1] == 3:  # RGB renderings of grey data
                 x = x.mean(1, keepdim=True)
-            f = self.model.features(x)
-            feats.append(f.cpu())
+            conv = self.model.body(self.model.prepare(x)).flatten(1)
+            f = torch.relu(self.model.fc(conv))  # = self.model.features(x)
+            feats.append(torch.cat([f, conv], 1).cpu())
             logits.append(self.model.head(f).cpu())
         return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
@@ -155,6 +168,12 @@ class InceptionExtractor(Extractor):
             else:
                 feats.append(out.reshape(len(x), -1).cpu())
         return torch.cat(feats).numpy(), (torch.cat(logits).numpy() if logits else None)
+
+
+def default_features(data: str) -> str:
+    """The features that fit a data set: the Fashion-MNIST classifier only for Fashion-MNIST itself (1 channel,
+    its ten classes); Inception-v3 for everything else."""
+    return "fmnist-classifier" if data == "fashion-mnist" else "inception"
 
 
 def build_extractor(name: str, inception: str | None = None, device="cpu") -> Extractor:

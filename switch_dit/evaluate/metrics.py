@@ -68,6 +68,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, batch: int 
                      device: str | torch.device = "cpu") -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al., 2019): k-NN balls around each set's points.
     precision = share of fake points inside the real manifold; recall = share of real inside the fake one."""
+    if k < 1:
+        raise ValueError(f"precision/recall needs k >= 1 neighbours, got k={k}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} points per set")
     r = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)

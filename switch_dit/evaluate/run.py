@@ -15,14 +15,28 @@ from .metrics import feature_stats, frechet_distance, inception_score, precision
 DEFAULT_CACHE = Path(os.environ.get("SWITCH_DIT_CACHE", Path.home() / ".cache" / "switch-dit"))
 
 
+def load_npz(path) -> tuple[np.ndarray, dict]:
+    """The images of an ADM .npz and the manifest switch-dit wrote beside them ({} for other files)."""
+    images = load_npz_images(path)
+    try:
+        with np.load(path) as d:
+            manifest = json.loads(str(d["manifest"])) if "manifest" in d else {}
+    except (OSError, ValueError, EOFError):
+        manifest = {}
+    return images, manifest if isinstance(manifest, dict) else {}
+
+
 def load_npz_images(path) -> np.ndarray:
     try:
         with np.load(path) as d:
             if "arr_0" not in d:
                 raise ValueError(f"{path} has no arr_0: an ADM sample file holds uint8 (N, H, W, C) images under arr_0")
             arr = d["arr_0"]
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, ValueError, KeyError) as e:  # not a zip, truncated, object arrays, ...
+        if "arr_0" in str(e) and isinstance(e, ValueError) and "has no arr_0" in str(e):
+            raise
+        raise ValueError(f"cannot read {path} as an .npz of images ({type(e).__name__}); an ADM sample file holds "
+                         "uint8 (N, H, W, C) images under arr_0 (switch-dit sample --num-fid-samples writes one)") from None
     return check_images(arr, str(path))
 
 
@@ -33,16 +47,28 @@ def check_images(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def load_folder_images(path, image_size: int | None = None) -> np.ndarray:
+def subset(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of a seeded random subset of limit of n items (all of them, in order, without a limit)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--ref-limit must be >= 1, got {limit}")
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def load_folder_images(path, image_size: int | None = None, limit: int | None = None) -> np.ndarray:
     from ..data import ImageFolderDataset
     from ..images import to_uint8
     import torch
 
+    if not path:
+        raise ValueError("a folder of images needs its path: --ref-data folder --ref-path FOLDER")
     ds = ImageFolderDataset(path, image_size or 256)
-    return to_uint8(torch.stack([ds[i][0] for i in range(len(ds))]))
+    return to_uint8(torch.stack([ds[int(i)][0] for i in subset(len(ds), limit)]))
 
 
 def reference_images(data: str, data_path: str | None, split: str, image_size: int, limit: int | None) -> np.ndarray:
+    """The reference set; with limit, a random subset of that many (seeded: the same subset every time)."""
     from ..images import to_uint8
     from ..data.datasets import FASHION_MNIST_DEFAULT, FashionMNIST, DigitsDataset
 
@@ -52,17 +78,18 @@ def reference_images(data: str, data_path: str | None, split: str, image_size: i
     elif data == "digits":
         images = DigitsDataset(image_size).images
     elif data == "folder":
-        return load_folder_images(data_path, image_size)[:limit]
+        return load_folder_images(data_path, image_size, limit)
     else:
         raise ValueError(f"no reference images for data {data!r}: use fashion-mnist, digits or folder")
-    return to_uint8(images[:limit] if limit else images)
+    return to_uint8(images[subset(len(images), limit)])
 
 
 def reference_features(extractor: Extractor, data: str, data_path: str | None, split: str, image_size: int,
                        limit: int | None, cache_dir=DEFAULT_CACHE) -> tuple[np.ndarray, np.ndarray | None, Path]:
     """Features of the reference set, cached on disk under a hash of everything they depend on."""
     key = json.dumps({"extractor": extractor.ident, "data": data, "path": str(data_path), "split": split,
-                      "size": image_size, "limit": limit, "mtime": _mtime(data, data_path)}, sort_keys=True)
+                      "size": image_size, "limit": limit, "subset": "random-seed0" if limit else "all",
+                      "mtime": _mtime(data, data_path)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     path = Path(cache_dir) / "refstats" / f"{digest}.npz"
     if path.is_file():
@@ -98,8 +125,12 @@ def score(images: np.ndarray, extractor: Extractor, ref_feats: np.ndarray, k: in
             print(note, file=sys.stderr, flush=True)
         extracted = extractor(images)
     feats, logits = extracted
-    fid = frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))
+    fd = extractor.fid_dims
+    fid = frechet_distance(*feature_stats(feats[:, fd]), *feature_stats(ref_feats[:, fd]))
     out = {"num_samples": int(len(images)), "features": extractor.name, "fid": fid, "note": extractor.note}
+    if len(images) < max(extractor.fid_dim, 5000):
+        out["warning"] = small_sample_warning(len(images), extractor.fid_dim)
+        print(f"[switch-dit] warning: {out['warning']}", file=sys.stderr, flush=True)
     if logits is not None:
         out["is_mean"], out["is_std"] = inception_score(logits, splits=min(10, len(images) // 2 or 1))
     else:
@@ -108,5 +139,16 @@ def score(images: np.ndarray, extractor: Extractor, ref_feats: np.ndarray, k: in
     n = min(len(feats), len(ref_feats), pr_limit)
     rng = np.random.default_rng(0)
     ref = ref_feats[rng.choice(len(ref_feats), n, replace=False)] if len(ref_feats) > n else ref_feats
-    out["precision"], out["recall"] = precision_recall(ref, feats[:n], k=k)
+    md = extractor.manifold_dims
+    out["precision"], out["recall"] = precision_recall(ref[:, md], feats[:n, md], k=k)
+    out["k"] = k
     return out
+
+
+def small_sample_warning(n: int, dim: int) -> str:
+    """What a small sample does to FID: fewer samples than feature dimensions leave the covariance
+    rank-deficient, and FID is biased upward at any finite N (more so the smaller N)."""
+    what = (f"{n} samples are fewer than the {dim} feature dimensions: the sample covariance is rank-deficient and "
+            "FID is not meaningful; use at least " + f"{max(dim, 5000)} samples" if n < dim else
+            f"FID from {n} samples is biased upward (the usual protocol uses 50,000; 5,000 at the least)")
+    return what + "; compare FIDs only at equal sample counts"

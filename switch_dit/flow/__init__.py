@@ -1,7 +1,9 @@
 """Flow matching with the linear interpolant (rectified flow, as SiT / SD3): x_t = (1 - t) x0 + t * noise,
 t in [0, 1] with t = 1 pure noise (the direction of DDPM's timestep index, so DTR's tables and the diffusion
 prior keep their meaning: low t = low noise), velocity target noise - x0, no learned variance. The model sees
-1000 * t, as SiT feeds its timestep embedder.
+1000 * t: DiT's sinusoidal timestep embedder then works over the range it has under DDPM (integer t in [0, 1000)),
+so the DDPM and flow runs share one architecture and Switch-DiT's gates read the same kind of embedding. (SiT
+feeds t in [0, 1] unscaled to the same embedder; this code deliberately does not.)
 
 Samplers integrate from t = 1 to t = 0 on a uniform grid: Euler and Heun for the probability-flow ODE
 dx/dt = v(x, t), and Euler-Maruyama for the reverse SDE with diffusion g(t)^2 = 2t, whose drift

@@ -75,8 +75,8 @@ class DiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # Unconditional data (one class) trains without label dropout and without a null-class row, as DiT.
-        class_dropout_prob = 0.0 if num_classes == 1 else class_dropout_prob
+        # The null-class row exists whenever labels can be dropped (Meta's DiT keeps it for one class too); the
+        # trainer sets class_dropout_prob = 0 for one-class data, as the authors' Switch-DiT code, so no row.
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed (not learned) positions; a buffer so the optimizer never sees it, saved as in DiT checkpoints.
         pos = get_2d_sincos_pos_embed(hidden_size, self.x_embedder.grid_size)
@@ -136,8 +136,8 @@ class DiT(nn.Module):
 
     def task_bins(self, t: torch.Tensor) -> torch.Tensor:
         """The task (of T) a timestep belongs to, for DTR's masks and the diffusion prior: integer DDPM
-        timesteps are their own task; a continuous flow-matching input t_in = 1000 * t (t in [0, 1], as SiT
-        feeds the embedder) belongs to bin min(floor(t * T), T - 1)."""
+        timesteps are their own task; a continuous flow-matching input t_in = 1000 * t (t in [0, 1], scaled so the
+        embedder sees DDPM's range; see switch_dit.flow) belongs to bin min(floor(t * T), T - 1)."""
         if not t.is_floating_point():
             return t
         return (t * (self.num_timesteps / 1000.0)).floor().long().clamp(0, self.num_timesteps - 1)

@@ -1,0 +1,96 @@
+"""Speed of the token-routed FFN mixtures, measured side by side (interleaved repetitions, medians).
+
+    python benchmarks/bench_moe.py [--device cpu|cuda] [--reps 15] [--dim 384] [--out DIR]
+
+For batch 64 at 16 and at 256 tokens a sample: forward + backward of the dense FFN (D -> 4D -> D), of TC-MoE
+(token choice, 8 experts, top-2 + 1 shared, capacity factor 1.25: the training setting) and EC-MoE (expert choice
+over the batch, capacity factor 2 + 1 shared), all with the same active parameters per token, and of the
+straightforward per-expert loops the tests check them against. Prints ms and the ratios MoE / dense (target
+<= 1.3 on a CPU) and loop / MoE; ``--out`` writes bench_moe.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_switch import interleaved  # noqa: E402
+
+from switch_dit.models.layers import Mlp  # noqa: E402
+from switch_dit.models.moe import (ExpertChoiceMoE, TokenChoiceMoE, reference_expert_choice,  # noqa: E402
+                                   reference_token_choice)
+
+
+def _fwd_bwd(fn, x, grad):
+    def run():
+        x.grad = None
+        fn(x).backward(grad)
+    return run
+
+
+def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
+    torch.manual_seed(0)
+    dense = Mlp(dim, 4 * dim).to(device).train()
+    tc = TokenChoiceMoE(dim, 8, 2, 1, capacity_factor=1.25).to(device).train()
+    ec = ExpertChoiceMoE(dim, 8, 2.0, 1, scope="batch").to(device).train()
+    x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+    grad = torch.randn(batch, tokens, dim, device=device)
+    fns = {"dense FFN": _fwd_bwd(dense, x, grad),
+           "TC-MoE": _fwd_bwd(lambda v: tc(v)[0], x, grad),
+           "EC-MoE": _fwd_bwd(lambda v: ec(v)[0], x, grad),
+           "TC-MoE loop": _fwd_bwd(lambda v: reference_token_choice(tc, v), x, grad),
+           "EC-MoE loop": _fwd_bwd(lambda v: reference_expert_choice(ec, v), x, grad)}
+    r = interleaved(fns, reps, device)
+    active = {k: sum(p.numel() for p in m.parameters()) for k, m in (("dense FFN", dense),)}
+    per_expert = sum(p[0].numel() for p in tc.experts.parameters())
+    moe_active = sum(p.numel() for p in tc.parameters()) - (tc.num_experts - tc.top_k) * per_expert
+    tc.pop_stats()
+    return {"batch": batch, "tokens": tokens, "dim": dim, "ms": {k: v * 1e3 for k, v in r.items()},
+            "active_params": {"dense FFN": active["dense FFN"], "MoE": moe_active},
+            "ratios": {"TC-MoE / dense": r["TC-MoE"] / r["dense FFN"], "EC-MoE / dense": r["EC-MoE"] / r["dense FFN"],
+                       "TC loop / TC-MoE": r["TC-MoE loop"] / r["TC-MoE"],
+                       "EC loop / EC-MoE": r["EC-MoE loop"] / r["EC-MoE"]}}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--dim", type=int, default=384, help="hidden size D (384 = the S models)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256], help="tokens per sample")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", help="folder for bench_moe.json and bench_moe.md")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    head = f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} reps={args.reps}"
+    print(head)
+    rows = []
+    for tokens in args.tokens:
+        res = bench(device, args.reps, args.batch, tokens, args.dim)
+        rows.append(res)
+        ms, ra = res["ms"], res["ratios"]
+        print(f"batch {args.batch} x {tokens} tokens, D={args.dim} (active params: dense {res['active_params']['dense FFN']:,}, "
+              f"MoE {res['active_params']['MoE']:,}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+        print("  " + ", ".join(f"{k} = {v:.2f}" for k, v in ra.items()) + "   (target: MoE / dense <= 1.3)")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_moe.json").write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
+        lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions.",
+                 "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
+                 "| TC loop / TC-MoE | EC loop / EC-MoE |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ms, ra = r["ms"], r["ratios"]
+            lines.append(f"| {r['batch']} x {r['tokens']} | {ms['dense FFN']:.1f} | {ms['TC-MoE']:.1f} | "
+                         f"{ms['EC-MoE']:.1f} | {ra['TC-MoE / dense']:.2f} | {ra['EC-MoE / dense']:.2f} | "
+                         f"{ra['TC loop / TC-MoE']:.2f} | {ra['EC loop / EC-MoE']:.2f} |")
+        (out / "bench_moe.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

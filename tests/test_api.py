@@ -1,0 +1,136 @@
+"""The Python API: load any format in one call, hub-style folders, a pipeline equal to the command line, class
+names everywhere, a CLI that explains itself, and --resume auto that reads the run's own options."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import switch_dit
+from tests.helpers import TINY, load_state, run_cli
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    assert run_cli("train", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", d) == 0
+    return d
+
+
+def test_load_reads_every_format_to_the_same_model(run, tmp_path):
+    ckpt = run / "checkpoints" / "step_0000002.pt"
+    model = switch_dit.load(ckpt)
+    assert model.step == 2 and model.config.model == "Switch-DiT-XS/2" and model.class_names[3] == "3"
+    assert load_state(ckpt)["class_names"] == [str(i) for i in range(10)]  # stored in the checkpoint
+    assert run_cli("export", ckpt, "--out", tmp_path / "m.safetensors") == 0
+    model.save_pretrained(tmp_path / "folder")
+    assert {p.name for p in (tmp_path / "folder").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        want = model(x, t, y).sample
+        for other in (switch_dit.load(tmp_path / "m.safetensors"), switch_dit.load(tmp_path / "folder"),
+                      switch_dit.DiT.from_pretrained(str(tmp_path / "folder"))):
+            assert torch.equal(other(x, t, y).sample, want)
+            assert other.class_names == model.class_names and other.step == 2
+    with pytest.raises(ValueError, match="unknown option"):
+        switch_dit.load(ckpt, modle="DiT-XS/2")
+    # the folder is a model for every command too
+    assert run_cli("sample", tmp_path / "folder", "--num-sampling-steps", 2, "--out", tmp_path / "g.png") == 0
+    assert run_cli("export", ckpt, "--format", "folder", "--out", tmp_path / "f2") == 0
+    assert json.loads((tmp_path / "f2" / "config.json").read_text())["step"] == 2
+
+
+def test_the_shipped_model_loads_by_name_with_its_class_names():
+    model = switch_dit.load("fashion-mnist")
+    assert model.class_names[7] == "Sneaker" and model.config.sampler == "dpm++"
+
+
+def test_pipeline_equals_the_command_line(run, tmp_path):
+    ckpt = run / "checkpoints" / "step_0000002.pt"
+    pipe = switch_dit.Pipeline.from_pretrained(str(ckpt))
+    images = pipe(class_labels=[7, "3", 7, 1], num_inference_steps=3, guidance_scale=2.0, sampler="ddim",
+                  generator=torch.Generator().manual_seed(4), output_type="np")
+    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+    out = tmp_path / "cli.png"
+    assert run_cli("sample", ckpt, "--class-labels", 7, 3, 7, 1, "--num-sampling-steps", 3, "--cfg-scale", 2,
+                   "--sampler", "ddim", "--global-seed", 4, "--scale", 1, "--out", out) == 0
+    from switch_dit.images import make_grid
+    assert np.array_equal(np.asarray(Image.open(out))[..., None], make_grid(images, nrow=2))
+    pil = pipe(class_labels=[0], num_inference_steps=2)
+    assert isinstance(pil[0], Image.Image)
+    with pytest.raises(ValueError, match="unknown class 'sneakers'"):
+        pipe(class_labels=["sneakers"])
+    with pytest.raises(ValueError, match="out of range"):
+        pipe(class_labels=[10])
+    r = pipe.routing()
+    assert r["kind"] == "timestep" and r["map"].shape == (1000, 18) and r["summary"]["num_blocks"] == 6
+
+
+def test_class_names_on_the_command_line_and_per_class_rows(tmp_path):
+    out = tmp_path / "g.png"
+    assert run_cli("sample", "--pretrained", "fashion-mnist", "--class-labels", "Sneaker", "ankle boot",
+                   "--per-class", 3, "--num-sampling-steps", 2, "--scale", 1, "--out", out) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape[0] == 2 * 30 + 2  # two rows of 28-pixel tiles (2-pixel padding)
+    assert img.shape[1] > 3 * 30 + 2  # and a margin with the class names on the left
+    assert run_cli("sample", "--pretrained", "fashion-mnist", "--class-labels", "Sneakers", "--out", out) == 2
+
+
+def test_sample_writes_a_png_folder_that_evaluate_reads_and_an_rgb_npz(run, tmp_path):
+    ckpt = run / "checkpoints" / "step_0000002.pt"
+    assert run_cli("sample", ckpt, "--num-fid-samples", 6, "--format", "png", "--num-sampling-steps", 2,
+                   "--out", tmp_path / "pngs", "--no-progress") == 0
+    files = sorted((tmp_path / "pngs").glob("*.png"))
+    assert len(files) == 6 and (tmp_path / "pngs" / "manifest.json").is_file()
+    assert run_cli("evaluate", "--images", tmp_path / "pngs", "--image-size", 8, "--ref-data", "digits",
+                   "--features", "fmnist-classifier", "--ref-limit", 20, "--k", 2, "--cache-dir", tmp_path / "c",
+                   "--no-progress") == 0
+    with np.load(tmp_path / "pngs.npz") as d:
+        assert d["arr_0"].shape == (6, 8, 8, 3) and d["arr_1"].shape == (6,)  # grey repeated, as ADM reads
+        assert (d["arr_0"][..., 0] == d["arr_0"][..., 2]).all()
+    assert run_cli("sample", ckpt, "--num-fid-samples", 6, "--format", "png", "--out", tmp_path / "x.npz") == 2
+
+
+def test_every_option_of_every_command_explains_itself(capsys):
+    from switch_dit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if not isinstance(a, argparse._HelpAction):
+                assert a.help and len(a.help) > 8, (name, a.option_strings)
+    sample = sub.choices["sample"]
+    sampler = next(a for a in sample._actions if "--sampler" in a.option_strings)
+    assert "dpm++" in sampler.help and "euler-maruyama" in sampler.help and "the checkpoint's" in sampler.help
+    assert run_cli("presets") == 0
+    assert "--preset cpu-fashion" in capsys.readouterr().out
+
+
+def test_resume_auto_reads_the_runs_own_options(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--lr", "3e-4", "--max-steps", 2, "--ckpt-every", 2,
+                   "--results-dir", out) == 0
+    # no --model, --data or --lr: they come from the run's config.yaml; a flag given now still wins
+    assert run_cli("train", "--results-dir", out, "--resume", "auto", "--max-steps", 3, "--no-progress") == 0
+    state = load_state(out / "checkpoints" / "step_0000003.pt")
+    assert state["config"]["model"] == "DiT-XS/2" and state["config"]["lr"] == 3e-4
+    assert state["config"]["data"] == "digits" and state["step"] == 3
+    assert "resuming with the options of" in capsys.readouterr().out
+
+
+def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    """Every ```python block of the README's Python API section runs as written (in a scratch folder)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
