@@ -18,24 +18,6 @@ def task_expert_map(model: DiT) -> np.ndarray:
     return model.prior.learned_pattern(logits).cpu().numpy()
 
 
-def routing_map_image(model: DiT, col_width: int = 8, gap: int = 16) -> np.ndarray:
-    """uint8 (T, W) picture: the learned map (left) and the prior table (right), white = selected."""
-    learned = task_expert_map(model)
-    prior = model.prior.table.cpu().numpy()
-
-    def panel(m):
-        return np.repeat(m, col_width, axis=1)
-
-    sep = np.full((learned.shape[0], gap), 0.5)
-    img = np.concatenate([panel(learned), sep, panel(prior)], axis=1)
-    # thin grey lines between blocks make the block structure readable
-    M = model.switch_routers[0].num_experts
-    for part, offset in ((learned, 0), (prior, learned.shape[1] * col_width + gap)):
-        for b in range(1, part.shape[1] // M):
-            img[:, offset + b * M * col_width] = 0.35
-    return (img * 255).round().astype(np.uint8)
-
-
 def matched_prior_table(model: DiT, pattern: np.ndarray) -> np.ndarray:
     """The prior table with its columns matched to the learned slots (what the prior loss pulls each slot
     towards); ties broken by a fixed generator, so the model's own tie-breaking state is left alone."""
@@ -156,18 +138,15 @@ def routing_record(model: DiT, pattern: np.ndarray | None = None) -> dict:
 
 
 def analyze(model: DiT, out_dir) -> dict:
-    """Write task_expert_map.png (labelled; _raw: one pixel row per timestep), task_affinity.png (+ the
-    prior's) and routing.json; return the summary."""
+    """Write task_expert_map.png (labelled, beside the matched prior), task_affinity.png, prior_affinity.png and
+    routing.json; return the summary."""
     import json
     from pathlib import Path
-
-    from .images import save_png
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pattern = task_expert_map(model)
     save_figure(routing_figure(model), out / "task_expert_map.png")
-    save_png(routing_map_image(model), out / "task_expert_map_raw.png")  # one pixel row per timestep
     save_figure(affinity_figure(task_affinity(pattern), "task-task affinity of the learned routing"),
                 out / "task_affinity.png")
     prior = model.prior.table.cpu().numpy()
@@ -252,12 +231,44 @@ def routing_information(frac: np.ndarray) -> float:
 def binned_switch_map(model: DiT, num_bins: int = 50) -> np.ndarray:
     """Switch-DiT's task-expert map in the token maps' format: (blocks, bins, M), the fraction of each bin's
     timesteps whose gate selects each expert (its tokens all follow the timestep)."""
-    pattern = task_expert_map(model)  # (T, N*M)
+    return binned_pattern(task_expert_map(model), model.switch_routers[0].num_experts, num_bins)
+
+
+def pattern_from_summary(summary: dict, top_k: int) -> np.ndarray | None:
+    """Switch-DiT's (T, N*M) task-expert map rebuilt from a routing summary (``routing_summary``), where that is
+    exact: every block keeps top_k - 1 shared experts and switches its remaining one at most once, so the
+    experts' usage says which serves before and which after the switch. None where it is not exact."""
+    T, M = summary["num_timesteps"], summary["num_experts"]
+    cols = []
+    for b in summary["blocks"]:
+        shared, switches, usage = b["shared_experts"], b["switch_timesteps"], b["usage"]
+        if len(shared) != top_k - 1 or len(switches) > 1:
+            return None
+        block = np.zeros((T, M))
+        block[:, shared] = 1
+        rest = [j for j in range(M) if j not in shared and usage[j] > 0]
+        if not switches:
+            if len(rest) != 1:
+                return None
+            block[:, rest[0]] = 1
+        else:
+            t = switches[0]
+            low = [j for j in rest if abs(usage[j] - t / T) < 0.5 / T]
+            high = [j for j in rest if abs(usage[j] - (T - t) / T) < 0.5 / T and j not in low]
+            if len(low) != 1 or len(high) != 1:
+                return None
+            block[:t, low[0]] = 1
+            block[t:, high[0]] = 1
+        cols.append(block)
+    return np.concatenate(cols, axis=1)
+
+
+def binned_pattern(pattern: np.ndarray, num_experts: int, num_bins: int = 50) -> np.ndarray:
+    """A (T, N*M) task-expert map as (blocks, bins, M): the fraction of each bin's timesteps selecting each expert."""
     T, NM = pattern.shape
-    M = model.switch_routers[0].num_experts
     edges = np.linspace(0, T, num_bins + 1).round().astype(int)
-    binned = np.stack([pattern[a:b].mean(0) for a, b in zip(edges[:-1], edges[1:])])  # (bins, N*M)
-    return binned.reshape(num_bins, NM // M, M).transpose(1, 0, 2)
+    binned = np.stack([pattern[a:b].mean(0) for a, b in zip(edges[:-1], edges[1:])])
+    return binned.reshape(num_bins, NM // num_experts, num_experts).transpose(1, 0, 2)
 
 
 def token_routing_record(frac: np.ndarray, kind: str) -> dict:

@@ -40,6 +40,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others and other uids read checkpoints as any file
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer reports write failures so
         written = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
@@ -50,6 +51,12 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_failure(path: Path, e: Exception, written: int) -> str:
@@ -83,7 +90,11 @@ def remove_stale_temp_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     d = Path(ckpt_dir)
     stale = [p for p in d.glob(".step_*.pt.*.tmp")] if d.is_dir() else []
     for p in stale:
-        p.unlink(missing_ok=True)
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:  # a read-only folder: the next save reports it in one line
+            raise CheckpointWriteError(f"cannot remove the stale temp file {p} ({e.strerror}): the checkpoints folder "
+                                       f"{d} is not writable; make it writable or use another --results-dir") from None
     return stale
 
 
@@ -229,19 +240,22 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int, keep: set[int] | None = N
         p.unlink(missing_ok=True)
 
 
-def last_good_step(health: dict[int, float], factor: float = 10.0) -> int | None:
+def last_good_step(health: dict[int, float], factor: float = 10.0, best: float | None = None,
+                   run_factor: float = 3.0) -> int | None:
     """The newest checkpoint step whose weights trained well: ``health`` maps a checkpoint step to the loss
-    measured with its weights (the next step's loss); good = finite and at most ``factor`` times the lowest
-    such loss of the checkpoints up to it, so a loss that starts to explode rules a checkpoint out."""
+    measured with its weights (the next step's loss); good = finite, at most ``factor`` times the lowest such loss
+    of the checkpoints up to it, and, given the run's best smoothed training loss ``best`` (recorded in every
+    checkpoint, so it survives resumes and pruning), at most ``run_factor`` times that: a checkpoint saved after
+    the loss had already exploded is never advice, even when every kept checkpoint is as bad."""
     import math
 
-    best, good = math.inf, None
+    lowest, good = math.inf, None
     for step in sorted(health):
         loss = health[step]
         if not math.isfinite(loss):
             continue
-        best = min(best, loss)
-        if loss <= factor * best:
+        lowest = min(lowest, loss)
+        if loss <= factor * lowest and (best is None or not math.isfinite(best) or loss <= run_factor * best):
             good = step
     return good
 
@@ -288,9 +302,17 @@ def _numpy_globals() -> list:
 def load(path: str | os.PathLike) -> dict:
     """Load onto CPU without running code from the file (see the module docstring); a truncated or corrupt
     file, or one that refers to code, gives a CheckpointError naming it."""
+    import warnings
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the outcome below says what matters
+        warnings.simplefilter("ignore")
+        return _load(path)
+
+
+def _load(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -355,6 +377,7 @@ def export_model(state: dict, out: str | os.PathLike, dtype: torch.dtype = torch
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600
     os.replace(tmp, out)
     return out
 
@@ -378,8 +401,36 @@ def load_exported(path: str | os.PathLike) -> tuple[dict, dict]:
     if meta.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path} is a safetensors file without switch-dit metadata; make one with "
                               "'switch-dit export CKPT --out FILE.safetensors'")
-    meta = {**meta, "config": json.loads(meta["config"]), "in_channels": int(meta["in_channels"]),
-            "input_size": int(meta["input_size"]), "num_classes": int(meta["num_classes"]),
-            "step": None if meta.get("step") in (None, "None") else int(meta["step"]),
-            "class_names": json.loads(meta["class_names"]) if meta.get("class_names") else None}
+
+    def damaged(what):
+        return CheckpointError(f"{path}: its metadata {what}; the file is damaged or edited: export it again with "
+                               "'switch-dit export'")
+
+    try:
+        config = json.loads(meta["config"])
+    except KeyError:
+        raise damaged("has no config") from None
+    except ValueError:
+        raise damaged("config is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise damaged(f"config is a JSON {type(config).__name__}, not an object")
+    sizes = {}
+    for key in ("in_channels", "input_size", "num_classes"):
+        v = meta.get(key)
+        if v is None or not str(v).isdigit() or int(v) < 1:
+            raise damaged(f"{key} is {v!r}, not a positive integer")
+        sizes[key] = int(v)
+    step = meta.get("step")
+    if step not in (None, "None") and not str(step).isdigit():
+        raise damaged(f"step is {step!r}")
+    names = None
+    if meta.get("class_names"):
+        try:
+            names = json.loads(meta["class_names"])
+        except ValueError:
+            raise damaged("class_names are not valid JSON") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise damaged("class_names are not a list of names")
+    meta = {**meta, "config": config, **sizes, "step": None if step in (None, "None") else int(step),
+            "class_names": names}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}, meta

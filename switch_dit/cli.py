@@ -19,6 +19,13 @@ def _train(args) -> int:
     from .train import train
 
     saved = resumed_run_config(args)  # --resume: the run's own options are the base, flags given now win
+    if saved:
+        from .config import ARCH_FIELDS
+        clash = [f"{k}: the run's {saved[k]!r} vs --{k.replace('_', '-')} {getattr(args, k)!r}" for k in ARCH_FIELDS
+                 if k in saved and getattr(args, k, None) is not None and getattr(args, k) != saved[k]]
+        if clash:
+            raise ValueError(f"--resume continues a run of another model/config ({'; '.join(clash)}); leave these "
+                             "flags out to continue it, or start a new run in another --results-dir")
     if saved and _is_rank0():
         print(f"[switch-dit] resuming with the options of {args.results_dir if args.resume == 'auto' else args.resume}"
               " run's config.yaml (flags given now override them)", flush=True)
@@ -109,6 +116,7 @@ def _sample(args) -> int:
         rows = names[:min(model.num_classes, 10)] if names and model.num_classes > 1 else None
     size = model.x_embedder.grid_size * model.patch_size
     scale = args.scale or max(1, 64 // size)  # tiles of at least 64 pixels: a 16x16 model is readable
+    rows = None if args.no_row_names else rows
     print(f"[switch-dit] wrote {write_grid(out, grid, scale=scale, row_names=rows)}")
     return 0
 
@@ -134,7 +142,9 @@ def _demo(args) -> int:
     results = Path(cfg.results_dir)
     with torch.no_grad():
         grid = class_grid(out["ema"], cfg, out["dataset"].num_classes, per_class=10, seed=cfg.global_seed)
-    grid_path = write_grid(str(results / "samples_grid.png"), grid, scale=max(1, 64 // cfg.image_size))
+    names = list(getattr(out["dataset"], "class_names", []))[:10] if out["dataset"].num_classes > 1 else None
+    grid_path = write_grid(str(results / "samples_grid.png"), grid, scale=max(1, 64 // cfg.image_size),
+                           row_names=names)
     lines = [f"[switch-dit] demo finished in {time.time() - t0:.0f} s",
              f"  sample grid (one row per class: {', '.join(getattr(out['dataset'], 'class_names', []))}): {grid_path}"]
     if out["ema"].prior is not None:
@@ -148,6 +158,8 @@ def _demo(args) -> int:
 
 
 def _export(args) -> int:
+    import os
+
     import torch
 
     from .checkpoint import FORMAT, CheckpointError, export_model, load
@@ -159,12 +171,26 @@ def _export(args) -> int:
     state = load(args.ckpt)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{args.ckpt} is not a switch-dit training checkpoint; export takes step_XXXXXXX.pt")
+    from .loading import check_training_state, load_model
+    check_training_state(state, args.ckpt)
+    load_model(args.ckpt, use_ema=not args.no_ema)  # the weights are checked (keys, shapes, finite) before writing
+    parent = Path(args.out).parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        why = "does not exist" if not parent.exists() else "is not a folder" if not parent.is_dir() else "is not writable"
+        raise ValueError(f"--out {args.out}: the folder {parent} {why}; choose another --out")
     if args.format == "folder":
-        from .loading import load_model, save_pretrained
+        from .loading import save_pretrained
         model, cfg, step = load_model(args.ckpt, use_ema=not args.no_ema)
         path = save_pretrained(model, args.out, cfg, step, dtype=getattr(torch, args.dtype))
     else:
         path = export_model(state, args.out, getattr(torch, args.dtype), use_ema=not args.no_ema)
+    try:  # what was written must load: say so only after reading it back
+        load_model(str(path))
+    except (CheckpointError, ValueError) as e:
+        import shutil
+        shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+        raise CheckpointError(f"{args.ckpt} cannot be exported: the written model does not load back "
+                              f"({' '.join(str(e).split())}); nothing was kept") from None
     print(f"[switch-dit] wrote {path} ({'EMA' if not args.no_ema else 'raw'} weights, {args.dtype}, "
           f"step {state.get('step')}); sample, analyze and evaluate accept it")
     return 0
@@ -198,6 +224,10 @@ def _evaluate(args) -> int:
     sources = [bool(args.npz), bool(args.images), bool(args.ckpt_flag or args.pretrained)]
     if sum(sources) != 1:
         raise ValueError("give exactly one of --npz, --images, --ckpt or --pretrained")
+    cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
+    for d in (cache_dir, cache_dir / "refstats"):  # before any sampling or feature extraction
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"--cache-dir {cache_dir}: {d} is a file, not a folder; give a folder for the cache")
     origin, made_by = None, {}  # where the reference defaults come from; what made the samples
     if args.ckpt_flag or args.pretrained:
         _resolve_checkpoint_argument(args)
@@ -305,6 +335,8 @@ def _analyze(args) -> int:
                          "need a Switch-DiT, TC-MoE or EC-MoE model")
     out = args.out or (_default_stem(args.ckpt) + "_analysis" if args.ckpt.startswith("pretrained:")
                        else str(Path(args.ckpt).parent.parent / "analysis"))
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
     if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
         from .analysis import analysis_images, analyze_tokens
         for k in ("data", "data_path"):
@@ -320,6 +352,13 @@ def _analyze(args) -> int:
 
 def _compare(args) -> int:
     from .compare import run_comparison
+
+    for flag, value, low in (("--max-steps", args.max_steps, 1), ("--eval-every", args.eval_every, 1),
+                             ("--num-samples", args.num_samples, 10), ("--reuse-check-steps", args.reuse_check_steps, 1)):
+        if value is not None and value < low:  # checked before any run trains, not after
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.cfg_scale < 0 or args.cfg_scale != args.cfg_scale or args.cfg_scale == float("inf"):
+        raise ValueError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
 
     overrides = {}
     for k in ("data", "data_path", "image_size", "global_batch_size", "lr", "warmup_steps", "sampler",
@@ -409,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int,
                    help="samples per class row (default 8; with --class-labels 1, a square grid)")
     p.add_argument("--scale", type=int, help="nearest-neighbour up-scaling of the PNG (default: tiles of >= 64 px)")
+    p.add_argument("--no-row-names", action="store_true", help="no class names beside the grid's rows (a bare grid)")
     p.add_argument("--out", help="output path (.png, or .npz with --num-fid-samples)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --num-fid-samples: discard the samples an earlier run left in OUT.parts (by default a "
@@ -522,19 +562,24 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors carry the fix; no traceback
         _error(args, e)
         return 2
-    except RuntimeError as e:
-        from .train import TrainingDiverged
-        if not isinstance(e, TrainingDiverged):
-            raise
-        _error(args, e)
-        return 3
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into head & co.: stop quietly
+    except Exception as e:  # anything else: one line too; the traceback on demand
         import os
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+        from .train import TrainingDiverged
+        if isinstance(e, TrainingDiverged):
+            _error(args, e)
+            return 3
+        if os.environ.get("SWITCH_DIT_DEBUG"):
+            raise
+        if isinstance(e, BrokenPipeError):  # output piped into head & co.: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        _error(args, RuntimeError(f"{type(e).__name__}: {e} (an unexpected error; rerun with SWITCH_DIT_DEBUG=1 for "
+                                  "the traceback, and please report it)"))
+        return 1
 
 
 if __name__ == "__main__":

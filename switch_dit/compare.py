@@ -166,10 +166,18 @@ def _train_and_evaluate(rec: dict, cfg: Config, run_dir: Path, eval_every: int, 
             rec["evals"][step] = _evaluate_checkpoint(ckpt, extractor, ref_feats, num_samples, cfg_scale, 100)
             results_path.write_text(json.dumps(results, indent=1))
     final = run_dir / "checkpoints" / f"step_{cfg.max_steps:07d}.pt"
-    if "routing" not in rec and final.is_file():
+    routing = rec.get("routing")
+    if final.is_file() and (routing is None or "expert_map" not in routing):
         routing = _routing(final, cfg)  # every seed's map, so the report can say what is stable
         if routing is not None:
             rec["routing"] = routing
+    elif routing and "expert_map" not in routing and "prior_agreement" in routing:
+        # a run taken over without its checkpoints: its map rebuilt from the recorded summary where that is exact
+        from .analysis import binned_pattern, pattern_from_summary, token_routing_record
+        pattern = pattern_from_summary(routing, cfg.top_k)
+        if pattern is not None:
+            routing["expert_map"] = {**token_routing_record(binned_pattern(pattern, routing["num_experts"]),
+                                                            "timestep"), "rebuilt_from_summary": True}
 
 
 def active_parameters(cfg: Config) -> int:

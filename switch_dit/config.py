@@ -78,12 +78,16 @@ class Config:
 
     def validate(self) -> "Config":
         from .models.dit import parse_model_name
-
-        parse_model_name(self.model)
         from .diffusion.weighting import WEIGHTINGS
 
         for f in fields(self):  # types first, so that the comparisons below cannot raise TypeError
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+        parse_model_name(self.model)
+        for f in fields(self):  # inf and nan are never meant (an lr of inf trains NaN weights)
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        _check_device(self.device)
         if self.objective == "flow" and self.sampler == "ddpm":  # the default sampler: a flow run samples with Heun
             self.sampler = "heun"
         checks = [
@@ -100,7 +104,8 @@ class Config:
              f"--data must be fashion-mnist, digits, folder or latents, got {self.data!r}"),
             (self.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {self.noise_schedule!r}"),
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {sorted(WEIGHTINGS)}, got {self.loss_weighting!r}"),
-            (self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
+            (1 <= self.image_size <= MAX_IMAGE_SIZE,
+             f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}"),
             (self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
             (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
@@ -138,6 +143,17 @@ class Config:
             if not ok:
                 raise ValueError(msg)
         return self
+
+
+MAX_IMAGE_SIZE = 4096  # far above any diffusion transformer's resolution; a typo must not allocate terabytes
+
+
+def _check_device(name: str) -> None:
+    """'auto', 'cpu', 'cuda', 'cuda:N', 'mps' (one line for anything else; availability is checked at use)."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(name)):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 # The samplers of each objective (the default "ddpm" of a flow run becomes "heun").
@@ -314,10 +330,16 @@ def load_yaml(path: str) -> dict:
     import yaml
 
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path} is a folder; give a YAML file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ValueError(f"config file {path} cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -325,6 +347,9 @@ def load_yaml(path: str) -> dict:
         raise ValueError(f"config file {path} is not valid YAML{where}: {problem}; write one 'option: value' per line") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"config file {path}: {bad[0]!r} is not an option name; write one 'option: value' per line")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

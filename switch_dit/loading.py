@@ -11,6 +11,7 @@ allocated.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -176,7 +177,7 @@ def _size_name(arch: dict) -> str:
     return "?"
 
 
-def build_checked(cfg: Config, state: dict, path, num_classes: int | None = None) -> DiT:
+def build_checked(cfg: Config, state: dict, path, num_classes: int | None = None, check_only: bool = False):
     """Build cfg's model for these weights: sizes from the tensors, keys and shapes compared on the 'meta' device
     first, then loaded strictly; every mismatch is a one-line CheckpointError. num_classes None: a foreign
     state dict, whose routing sizes, learned variance and classes are read from the tensors too."""
@@ -211,6 +212,12 @@ def build_checked(cfg: Config, state: dict, path, num_classes: int | None = None
            and not torch.isfinite(v).all()]
     if bad:
         raise ckpt.CheckpointError(f"{path} has non-finite weights ({', '.join(bad[:3])}); use an earlier checkpoint")
+    floats = [k for k, v in probe.state_dict().items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if floats:
+        raise ckpt.CheckpointError(f"{path}: {floats[0]} holds {state[floats[0]].dtype} values where weights are "
+                                   "floating point; the file is damaged")
+    if check_only:
+        return None
     model = build_model(cfg, arch["in_channels"], arch["input_size"], num_classes)
     model.load_state_dict({k: v for k, v in state.items() if k in want}, strict=True)
     return model
@@ -233,17 +240,16 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
     if str(path).endswith(".safetensors"):  # an exported model (switch-dit export, or --pretrained)
         weights, meta = ckpt.load_exported(path)
         cfg = _config_from_record(meta["config"], path)
+        _refuse_model_override(cfg, cfg_overrides, given, path)
         model = build_checked(_override(cfg, cfg_overrides, given, ("noise_schedule",)), weights, path,
                               meta["num_classes"])
         _agree(model, meta, path)
         return _attach(model.eval(), cfg, meta["step"], meta.get("class_names"), str(path)), cfg, meta["step"]
     saved = ckpt.load(path)
     if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:
-        missing = [k for k in ("config", "in_channels", "input_size", "num_classes", "ema", "model") if k not in saved]
-        if missing:
-            raise ckpt.CheckpointError(f"{path} is a switch-dit checkpoint without {', '.join(missing)}; "
-                                       "it is damaged: use another checkpoint")
+        check_training_state(saved, path)
         cfg = _config_from_record(saved["config"], path)
+        _refuse_model_override(cfg, cfg_overrides, given, path)
         state = saved["ema" if use_ema else "model"]
         if not isinstance(state, dict):
             raise ckpt.CheckpointError(f"{path}: its {'ema' if use_ema else 'model'} entry is not a state dict; "
@@ -271,7 +277,64 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         state = from_authors_state_dict(state)
     cfg.validate()
     model = build_checked(cfg, state, path)
-    return _attach(model.eval(), cfg, None, None, str(path)), cfg, None
+    names = [str(i) for i in range(model.num_classes)]  # other code's files name no classes (nor their data)
+    return _attach(model.eval(), cfg, None, names, str(path)), cfg, None
+
+
+def _refuse_model_override(cfg: Config, overrides: Config | None, given: set, path) -> None:
+    """--model is for other code's state dicts; a switch-dit file records its model, and a different name is an error."""
+    if overrides is not None and "model" in given and overrides.model != cfg.model:
+        from .models.dit import parse_model_name
+        parse_model_name(overrides.model)  # an unknown name: its own one-line error
+        raise ckpt.CheckpointError(f"{path} holds a {cfg.model} model (recorded in the file); --model "
+                                   f"{overrides.model} applies only to state dicts of other code: leave it out")
+
+
+def check_training_state(saved, path, for_resume: bool = False) -> None:
+    """The structure of a switch-dit training checkpoint, before anything of it is used: every entry of the
+    expected type (weights as dicts of tensors, sizes and step as integers, ...); one CheckpointError otherwise."""
+    def bad(what):
+        return ckpt.CheckpointError(f"{path} is a damaged switch-dit checkpoint ({what}); use another checkpoint, "
+                                    "e.g. an earlier step_XXXXXXX.pt of the run")
+
+    if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT:
+        raise ckpt.CheckpointError(f"{path} is not a switch-dit training checkpoint")
+    needed = ["config", "model", "ema", "step", "in_channels", "input_size", "num_classes"]
+    needed += ["opt", "weighting", "scaler", "rng"] if for_resume else []
+    missing = [k for k in needed if k not in saved]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    if not isinstance(saved["config"], dict):
+        raise bad(f"its config is a {type(saved['config']).__name__}, not a mapping")
+    _config_from_record(saved["config"], path)
+    for key in ("model", "ema"):
+        w = saved[key]
+        if not isinstance(w, dict) or not w or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in w.items()):
+            raise bad(f"its {key} entry is not a state dict of tensors")
+    step = saved["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"step is {step!r}")
+    for key in ("in_channels", "input_size", "num_classes"):
+        v = saved[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(f"{key} is {v!r}")
+    typed = {"opt": dict, "weighting": dict, "scaler": dict, "rng": dict, "health": dict}
+    for key, typ in typed.items():
+        if key in saved and saved[key] is not None and not isinstance(saved[key], typ):
+            raise bad(f"its {key} entry is a {type(saved[key]).__name__}")
+    opt = saved.get("opt")
+    if opt is not None and (not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list)):
+        raise bad("its optimizer state has no state/param_groups")
+    rng = saved.get("rng")
+    if rng is not None and not isinstance(rng.get("torch"), torch.Tensor):
+        raise bad("its RNG state has no torch generator state")
+    health = saved.get("health") or {}
+    if not all(isinstance(k, int) and isinstance(v, (int, float)) for k, v in health.items()):
+        raise bad("its health record is not step -> loss")
+    names = saved.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise bad("its class_names are not a list of strings")
 
 
 def _config_from_record(record, path) -> Config:
@@ -385,6 +448,7 @@ def save_pretrained(model: DiT, folder, config: Config | None = None, step: int 
                for k, v in model.state_dict().items()}
     tmp = folder / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": FOLDER_FORMAT})
+    os.chmod(tmp, 0o666 & ~ckpt._umask())  # safetensors writes 0600
     tmp.replace(folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(info, indent=1) + "\n")
     card = card or {}
@@ -431,6 +495,7 @@ def _load_folder(folder: Path, use_ema: bool, cfg_overrides: Config | None):
     weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
     cfg = _config_from_record(info.get("config"), folder)
     given = set(getattr(cfg_overrides, "_given", ()))
+    _refuse_model_override(cfg, cfg_overrides, given, folder)
     model = build_checked(_override(cfg, cfg_overrides, given, ("noise_schedule",)), weights, folder,
                           _int(info.get("num_classes"), "num_classes", folder))
     _agree(model, info, folder)

@@ -137,6 +137,11 @@ class StepBatches(torch.utils.data.Sampler):
 def train(cfg: Config, progress: bool = True) -> dict:
     """Train according to cfg; returns a summary (final step, last losses, paths)."""
     cfg.validate()
+    if cfg.vae and not (Path(cfg.vae) / "config.json").is_file():  # found now, not when the first grid is drawn
+        raise ValueError(f"--vae {cfg.vae}: no AutoencoderKL folder there (config.json + "
+                         "diffusion_pytorch_model.safetensors); give the local VAE folder")
+    if cfg.vae:
+        cfg.vae = str(Path(cfg.vae).resolve())  # recorded absolute: sampling from another folder finds it
     info = du.setup(cfg.device)
     lock = ckpt.RunLock(cfg.results_dir)
     try:
@@ -177,18 +182,26 @@ class LossWatch:
         return step, float(self.host), measures
 
 
-def divergence_message(loss: float, step: int, cfg: Config, ckpt_dir: Path, health: dict[int, float]) -> str:
-    """Advice that works: the newest checkpoint whose weights still trained well, and the exact flags."""
+def divergence_message(loss: float, step: int, cfg: Config, ckpt_dir: Path, health: dict[int, float],
+                       best: float | None = None) -> str:
+    """Advice that works: the newest checkpoint whose weights still trained well (judged against the run's best
+    smoothed loss too, not only the other checkpoints), and the exact flags; or, if none, a fresh start."""
     files = {int(p.stem.split("_")[1]): p for p in ckpt.list_checkpoints(ckpt_dir)}
-    good = ckpt.last_good_step({s: v for s, v in health.items() if s in files})
+    good = ckpt.last_good_step({s: v for s, v in health.items() if s in files}, best=best)
     head = f"loss became {loss} at step {step}; nothing trained from it was saved."
     lr = min(cfg.lr / 10, 1e-4)  # a tenth, and never above the paper's 1e-4
     if good is not None:
         return (f"{head} The newest checkpoint that trained well is {files[good]} (loss {health[good]:.4g} with its "
                 f"weights); resume from it with a smaller learning rate: --resume {files[good]} --lr {lr:g} "
                 "(or add --max-grad-norm 1)")
-    newest = f" (the loss was not finite with the weights of the newest, {files[max(files)]}: check the data for " \
-             "NaN/inf values)" if files else ""
+    newest = ""
+    if files:
+        h = health.get(max(files))
+        newest = (f" (the newest, {files[max(files)]}, was saved after the loss had grown to {h:.3g}, against the "
+                  f"run's best {best:.3g})" if h is not None and math.isfinite(h) and best is not None
+                  and math.isfinite(best) else
+                  f" (the loss was not finite with the weights of the newest, {files[max(files)]}: check the data "
+                  "for NaN/inf values)")
     return (f"{head} No checkpoint of this run is known to train well{newest}; start again in a new --results-dir "
             f"with a smaller learning rate, e.g. --lr {lr:g}")
 
@@ -233,26 +246,43 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
 
     start_step = 0
     health: dict[int, float] = {}  # checkpoint step -> the loss measured with its weights (the next step's)
+    trace = {"smoothed": None, "best": math.inf, "reads": 0}  # the run's smoothed loss and its best, for the advice
     resume_path = ckpt.resolve_resume(cfg.resume, results)
     if resume_path is not None:
+        from .loading import build_checked, check_training_state
+
         saved = ckpt.load(resume_path)
+        if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT:
+            raise ckpt.CheckpointError(f"{resume_path} is not a switch-dit training checkpoint; --resume takes a "
+                                       "step_XXXXXXX.pt of a run (or auto)")
+        check_training_state(saved, resume_path, for_resume=True)
         check_compatible(saved, cfg, resume_path)
-        missing = [k for k in ("model", "ema", "opt", "weighting", "scaler", "rng", "step") if k not in saved]
-        if missing:
-            raise ckpt.CheckpointError(f"checkpoint {resume_path} lacks {', '.join(missing)}: it is damaged; "
-                                       "resume from an earlier checkpoint (--resume PATH)")
-        health = {int(k): float(v) for k, v in saved.get("health", {}).items()}
-        model.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
+        for key in ("model", "ema"):  # keys, shapes and finiteness, checked on 'meta' before anything is loaded
+            build_checked(copy.deepcopy(cfg), saved[key], f"{resume_path} ({key})", model.num_classes, check_only=True)
+        claims = {"in_channels": model.in_channels, "input_size": model.x_embedder.grid_size * model.patch_size,
+                  "num_classes": model.num_classes}
+        wrong = [f"{k} {saved[k]!r} (this run: {v})" for k, v in claims.items() if saved[k] != v]
+        if wrong:
+            raise ckpt.CheckpointError(f"{resume_path} claims {', '.join(wrong)}: it is damaged or of another run; "
+                                       "resume from an earlier checkpoint or use another --results-dir")
+        health = {int(k): float(v) for k, v in (saved.get("health") or {}).items()}
+        trace.update(saved.get("loss_trace") or {})
+        try:
+            model.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
+            opt.load_state_dict(saved["opt"])
+            weighting.load_state_dict(saved["weighting"])
+            scaler.load_state_dict(saved["scaler"])
+            if model.prior is not None:
+                model.prior.set_rng_state(saved["prior_rng"])
+            set_rng_state(saved["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"{resume_path} cannot be resumed: its training state does not fit this run "
+                                       f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); resume from an "
+                                       "earlier checkpoint (--resume PATH)") from None
         # The learning rates and weight decay are this run's options, not the checkpoint's (--resume ... --lr X).
         for group, fresh in zip(opt.param_groups, groups):
             group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
-        weighting.load_state_dict(saved["weighting"])
-        scaler.load_state_dict(saved["scaler"])
-        if model.prior is not None:
-            model.prior.set_rng_state(saved["prior_rng"])
-        set_rng_state(saved["rng"])
         start_step = saved["step"]
         del saved
 
@@ -308,7 +338,12 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         if measures is not None:
             health[measures] = value
         if not math.isfinite(value):
-            raise TrainingDiverged(divergence_message(value, at, cfg, results / "checkpoints", health))
+            raise TrainingDiverged(divergence_message(value, at, cfg, results / "checkpoints", health, trace["best"]))
+        sm = trace["smoothed"]
+        trace["smoothed"] = value if sm is None else 0.9 * sm + 0.1 * value
+        trace["reads"] += 1
+        if trace["reads"] >= 20:  # past the first steps' transient
+            trace["best"] = min(trace["best"], trace["smoothed"])
 
     try:
         while step < cfg.max_steps:
@@ -386,8 +421,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 check_loss(watch.read())  # no checkpoint holds weights updated from a non-finite loss
                 if info.is_main:
+                    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # never save NaN/inf
+                        raise TrainingDiverged(divergence_message(float("nan"), step, cfg, results / "checkpoints",
+                                                                  health, trace["best"]))
                     last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health,
-                                                     getattr(dataset, "class_names", None))
+                                                     getattr(dataset, "class_names", None), trace)
                 probe = step
                 du.barrier()
     finally:
@@ -428,7 +466,7 @@ def _apply_time_budget(cfg: Config, budget: dict, step: int, results: Path, bar,
 
 
 def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler,
-                        health: dict[int, float] | None = None, class_names=None) -> Path:
+                        health: dict[int, float] | None = None, class_names=None, trace: dict | None = None) -> Path:
     state = {
         "format": ckpt.FORMAT,
         "step": step,
@@ -446,9 +484,10 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
         "num_classes": model.num_classes,
         "class_names": list(class_names) if class_names else None,
         "health": {int(k): float(v) for k, v in (health or {}).items()},
+        "loss_trace": dict(trace) if trace else None,  # smoothed training loss at this save and the run's best
     }
     path = ckpt.atomic_save(state, ckpt.checkpoint_path(results / "checkpoints", step))
-    good = ckpt.last_good_step(health or {})
+    good = ckpt.last_good_step(health or {}, best=(trace or {}).get("best"))
     ckpt.prune(results / "checkpoints", cfg.keep_last, keep={good} if good is not None else None)
     return path
 

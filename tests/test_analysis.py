@@ -34,7 +34,8 @@ def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli("train", *TINY, "--max-steps", 3, "--ckpt-every", 3, "--results-dir", out) == 0
     assert run_cli("analyze", out / "checkpoints" / "step_0000003.pt", "--out", tmp_path / "an") == 0
-    for f in ("task_expert_map.png", "task_expert_map_raw.png", "task_affinity.png", "prior_affinity.png",
+    assert not (tmp_path / "an" / "task_expert_map_raw.png").exists()  # an axis-less picture nobody could read
+    for f in ("task_expert_map.png", "task_affinity.png", "prior_affinity.png",
               "routing.json"):
         assert (tmp_path / "an" / f).is_file()
     summary = json.loads((tmp_path / "an" / "routing.json").read_text())
@@ -111,3 +112,24 @@ def test_routing_information_is_zero_without_and_maximal_with_timestep_specialis
     onehot = np.zeros((4, 4))
     onehot[np.arange(4), np.arange(4)] = 1.0  # each bin its own expert
     assert routing_information(onehot) == pytest.approx(2.0)
+
+
+def test_a_one_switch_map_is_rebuilt_exactly_from_its_summary():
+    from switch_dit.analysis import pattern_from_summary
+
+    rng = np.random.default_rng(0)
+    T, M, N = 1000, 3, 6
+    blocks = []
+    for _ in range(N):
+        shared, a, b = rng.permutation(M)
+        t = int(rng.integers(1, T))
+        block = np.zeros((T, M))
+        block[:, shared] = 1
+        block[:t, a] = 1
+        block[t:, b] = 1
+        blocks.append(block)
+    pattern = np.concatenate(blocks, axis=1)
+    assert np.array_equal(pattern_from_summary(routing_summary(pattern, M), 2), pattern)
+    two_switches = pattern.copy()
+    two_switches[500:600, :M] = two_switches[500:600, :M][:, ::-1]
+    assert pattern_from_summary(routing_summary(two_switches, M), 2) is None  # not exact: refused

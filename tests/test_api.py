@@ -80,15 +80,15 @@ def test_class_names_on_the_command_line_and_per_class_rows(tmp_path):
 
 def test_sample_writes_a_png_folder_that_evaluate_reads_and_an_rgb_npz(run, tmp_path):
     ckpt = run / "checkpoints" / "step_0000002.pt"
-    assert run_cli("sample", ckpt, "--num-fid-samples", 6, "--format", "png", "--num-sampling-steps", 2,
+    assert run_cli("sample", ckpt, "--num-fid-samples", 12, "--format", "png", "--num-sampling-steps", 2,
                    "--out", tmp_path / "pngs", "--no-progress") == 0
     files = sorted((tmp_path / "pngs").glob("*.png"))
-    assert len(files) == 6 and (tmp_path / "pngs" / "manifest.json").is_file()
+    assert len(files) == 12 and (tmp_path / "pngs" / "manifest.json").is_file()
     assert run_cli("evaluate", "--images", tmp_path / "pngs", "--image-size", 8, "--ref-data", "digits",
                    "--features", "fmnist-classifier", "--ref-limit", 20, "--k", 2, "--cache-dir", tmp_path / "c",
                    "--no-progress") == 0
     with np.load(tmp_path / "pngs.npz") as d:
-        assert d["arr_0"].shape == (6, 8, 8, 3) and d["arr_1"].shape == (6,)  # grey repeated, as ADM reads
+        assert d["arr_0"].shape == (12, 8, 8, 3) and d["arr_1"].shape == (12,)  # grey repeated, as ADM reads
         assert (d["arr_0"][..., 0] == d["arr_0"][..., 2]).all()
     assert run_cli("sample", ckpt, "--num-fid-samples", 6, "--format", "png", "--out", tmp_path / "x.npz") == 2
 

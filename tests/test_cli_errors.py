@@ -83,3 +83,65 @@ def test_yaml_config_keys_are_the_options(tmp_path):
     assert run_cli("train", *TINY, "--config", cfg, "--results-dir", out) == 0
     state = torch.load(out / "checkpoints" / "step_0000002.pt", weights_only=False)
     assert state["config"]["top_k"] == 1 and state["step"] == 2
+
+
+def test_each_case_a_hostile_tester_found_is_one_line(tmp_path, capsys):
+    """The inputs of the hardening round two (tracebacks, silently accepted nonsense, unclear messages), each now
+    refused up front in one line that names the problem."""
+    import json as _json
+
+    import numpy as np
+
+    from tests.helpers import TINY
+
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--max-steps", 1, "--ckpt-every", 1, "--results-dir",
+                   run) == 0
+    ckpt = run / "checkpoints" / "step_0000001.pt"
+    (tmp_path / "cfgdir").mkdir()
+    (tmp_path / "int.yaml").write_text("1: 2\n")
+    (tmp_path / "dict.yaml").write_text("model: {a: 1}\n")
+    (tmp_path / "null.yaml").write_text("model: null\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"lr: 1e-3\nmodel: '\xff\xfe'\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "garbage.npz").write_text("garbage")
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((12, 8, 8, 1), np.uint8))
+    train = ["train", *TINY, "--max-steps", 1, "--results-dir", tmp_path / "r"]
+    cmp = ["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--no-progress"]
+    cases = [
+        (train + ["--image-size", 100000], "--image-size must be between 1 and 4096"),
+        (train + ["--device", "tpu9"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+        (train + ["--config", tmp_path / "cfgdir"], "is a folder; give a YAML file"),
+        (train + ["--config", tmp_path / "int.yaml"], "1 is not an option name"),
+        (["train", "--config", tmp_path / "dict.yaml", "--results-dir", tmp_path / "r"], "option model must be a string"),
+        (["train", "--config", tmp_path / "null.yaml", "--results-dir", tmp_path / "r"], "option model must be a string"),
+        (train + ["--config", tmp_path / "latin1.yaml"], "latin1.yaml is not UTF-8 text"),
+        (train + ["--lr", "inf"], "--lr must be a finite number"),
+        (train + ["--vae", tmp_path / "novae"], "no AutoencoderKL folder there"),
+        (["sample", ckpt, "--out", tmp_path / "outdir"], "a grid is written as PNG"),
+        (["sample", ckpt, "--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+        (["sample", ckpt, "--model", "Bogus-Q/9"], "unknown model name 'Bogus-Q/9'"),
+        (["sample", ckpt, "--model", "Switch-DiT-XS/2"], "holds a DiT-XS/2 model (recorded in the file)"),
+        (["sample", ckpt, "--num-fid-samples", 4, "--out", tmp_path / "x.png"], "give a name ending in .npz"),
+        (["sample", tmp_path / "outdir"], "is a folder without config.json"),
+        (["evaluate", "--npz", tmp_path / "s.npz", "--ref-data", "folder"], "--ref-data folder needs --ref-path"),
+        (["evaluate", "--npz", tmp_path / "s.npz", "--ref-data", "digits", "--cache-dir", tmp_path / "afile"],
+         "is a file, not a folder"),
+        (["evaluate", "--npz", tmp_path / "s.npz", "--ref-data", "digits", "--k", 0], "--k must be >= 1"),
+        (["evaluate", "--npz", tmp_path / "garbage.npz", "--ref-data", "digits"], "cannot read"),
+        (["analyze", ckpt, "--out", tmp_path / "afile"], "without learned routing"),
+        (["export", ckpt, "--out", tmp_path / "missing" / "x.safetensors"], "does not exist; choose another --out"),
+        (cmp + ["--max-steps", 0, "--out", tmp_path / "c"], "--max-steps must be >= 1"),
+        (cmp + ["--eval-every", 0, "--out", tmp_path / "c"], "--eval-every must be >= 1"),
+        (cmp + ["--num-samples", 1, "--out", tmp_path / "c"], "--num-samples must be >= 10"),
+        (cmp + ["--out", tmp_path / "afile"], "is a file; give a folder for the report"),
+    ]
+    for args, words in cases:
+        capsys.readouterr()
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert words in err, (args, err)
+    assert not (tmp_path / "c" / "runs").exists()  # compare refused before any training
+    del _json

@@ -41,3 +41,18 @@ def test_the_link_check_catches_a_missing_file():
         ["docs/results/x.md", "a.png"]
     assert _resolve("docs/results/compare-flow/report.md", "../compare/report.md#x") == "docs/results/compare/report.md"
     assert _resolve("README.md", "./docs/a.png") == "docs/a.png"
+
+
+def test_readme_result_numbers_are_the_committed_jsons():
+    """Every number in the README's generated result blocks is recomputed from docs/results (and the shipped
+    model's card); a README edited by hand, or results changed without regenerating it, fails here."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import readme_results
+
+    assert readme_results.main(["--check"]) == 0
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in readme_results.BLOCKS:
+        assert f"<!-- generated:{name} -->" in text

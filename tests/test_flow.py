@@ -93,8 +93,9 @@ def test_flow_training_resume_sample_evaluate_analyze(tmp_path, capsys):
     assert run_cli("analyze", ckpt, "--out", tmp_path / "an") == 0
     # a DDPM run cannot resume a flow checkpoint
     capsys.readouterr()
-    assert run_cli("train", *TINY, "--ckpt-every", 2, "--max-steps", 6, "--results-dir", a, "--resume", "auto") == 2
-    assert "objective: checkpoint 'flow' vs now 'ddpm'" in capsys.readouterr().err
+    assert run_cli("train", *TINY, "--objective", "ddpm", "--ckpt-every", 2, "--max-steps", 6, "--results-dir", a,
+                   "--resume", "auto") == 2
+    assert "objective: the run's 'flow' vs --objective 'ddpm'" in capsys.readouterr().err
 
 
 def test_flow_routing_uses_task_bins_of_continuous_t():

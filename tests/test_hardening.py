@@ -239,3 +239,41 @@ def test_the_run_lock_cannot_be_raced(tmp_path):
                 wins = pool.map(_race, [(folder, start, 0.05)] * n)
             assert sum(wins) == 1, (trial, n, wins)
             assert not (folder / ".lock").exists()
+
+
+def test_the_divergence_advice_works_when_followed(tmp_path, capsys):
+    """Normal steps, then a huge lr: training diverges; the advice names a checkpoint saved before the explosion
+    (judged against the run's best smoothed loss, not only the other checkpoints) and flags that, followed
+    exactly, train on at about the pre-divergence loss."""
+    import re
+    import shlex
+
+    from switch_dit.integrations import read_metrics
+
+    out = tmp_path / "run"
+    base = [*TINY, "--model", "DiT-XS/2", "--ckpt-every", 10, "--keep-last", 1, "--results-dir", out]
+    assert run_cli("train", *base, "--max-steps", 40) == 0
+    before = [m["train/loss"] for m in read_metrics(out / "metrics.jsonl")][-10:]
+    capsys.readouterr()
+    assert run_cli("train", *base, "--max-steps", 80, "--resume", "auto", "--lr", "300") == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resume from it with a smaller learning rate" in err, err
+    flags = shlex.split(re.search(r": (--resume \S+ --lr \S+)", err).group(1))
+    assert flags[1].endswith("step_0000040.pt")  # the last checkpoint before the lr change, though keep-last is 1
+    state = load_state(flags[1])
+    assert state["loss_trace"]["best"] < 2 and state["loss_trace"]["smoothed"] < 2
+    assert run_cli("train", *base, "--max-steps", 60, *flags) == 0
+    after = [m["train/loss"] for m in read_metrics(out / "metrics.jsonl") if m["step"] > 50]
+    assert max(after) < 2 * max(before), (before, after)
+
+
+def test_checkpoints_and_exports_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run_cli("train", *TINY, "--max-steps", 1, "--ckpt-every", 1, "--results-dir", tmp_path / "r") == 0
+        ckpt = tmp_path / "r" / "checkpoints" / "step_0000001.pt"
+        assert run_cli("export", ckpt, "--out", tmp_path / "m.safetensors") == 0
+        for f in (ckpt, tmp_path / "m.safetensors"):
+            assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode))
+    finally:
+        os.umask(old)

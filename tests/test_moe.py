@@ -155,3 +155,38 @@ def test_train_takes_a_variant_spec_as_its_model(tmp_path):
     assert state["model"]["blocks.0.mlp.experts.w1"].shape[0] == 4
     assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2:moe_experts=4", "--moe-experts", 6, "--max-steps", 1,
                    "--results-dir", tmp_path / "x") == 2
+
+
+def _ddp_worker(rank, world, port, out, model, scope):
+    from switch_dit.config import Config
+    from switch_dit.train import train
+    from tests.helpers import dist_env
+
+    dist_env(rank, world, port)
+    train(Config(model=model, data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=3, ckpt_every=3,
+                 log_every=1, tensorboard=False, results_dir=out, device="cpu", moe_scope=scope, objective="flow"),
+          progress=False)
+
+
+@pytest.mark.parametrize("model,scope", [("EC-MoE-XS/2", "sample"), ("TC-MoE-XS/2", "batch")])
+def test_ddp(tmp_path, model, scope):
+    """Two processes train both variants. Expert choice within each sample has no batch-level coupling, so two
+    processes equal one; token choice's capacity and balance loss see each process's own batch (as every MoE
+    trainer), so there the runs only agree roughly."""
+    from switch_dit.config import Config
+    from switch_dit.train import train
+    from tests.helpers import run_processes
+
+    train(Config(model=model, data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=3, ckpt_every=3,
+                 log_every=1, tensorboard=False, results_dir=str(tmp_path / "one"), device="cpu", moe_scope=scope,
+                 objective="flow"), progress=False)
+    run_processes(_ddp_worker, 2, str(tmp_path / "two"), model, scope)
+    a = load_state(tmp_path / "one" / "checkpoints" / "step_0000003.pt")["model"]
+    b = load_state(tmp_path / "two" / "checkpoints" / "step_0000003.pt")["model"]
+    if scope == "sample":
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    else:
+        assert all(torch.isfinite(v).all() for v in b.values())
+        moved = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert moved < 0.05  # three Adam steps of lr 1e-3 apart at most

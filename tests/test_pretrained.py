@@ -57,7 +57,8 @@ def test_samples_are_recognised_as_their_class(tmp_path):
     from switch_dit.evaluate.features import ClassifierExtractor
 
     out = tmp_path / "grid.png"
-    assert run_cli("sample", "--pretrained", "fashion-mnist", "--per-class", 10, "--out", out, "--no-progress") == 0
+    assert run_cli("sample", "--pretrained", "fashion-mnist", "--per-class", 10, "--out", out, "--no-progress",
+                   "--scale", 1, "--no-row-names") == 0
     grid = np.asarray(Image.open(out))
     size, pad = 28, 2  # make_grid's layout: 2-pixel borders around 28x28 tiles, one row per class
     assert grid.shape == (10 * (size + pad) + pad, 10 * (size + pad) + pad)

@@ -19,7 +19,8 @@ def trained(tmp_path_factory):
 def test_grid_same_seed_same_image(trained, tmp_path):
     from PIL import Image
 
-    args = ["sample", trained, "--num-sampling-steps", 5, "--cfg-scale", 2.0, "--no-progress"]
+    args = ["sample", trained, "--num-sampling-steps", 5, "--cfg-scale", 2.0, "--no-progress", "--scale", 1,
+            "--no-row-names"]
     assert run_cli(*args, "--out", tmp_path / "a.png") == 0
     assert run_cli(*args, "--out", tmp_path / "b.png") == 0
     assert run_cli(*args, "--out", tmp_path / "c.png", "--global-seed", 1) == 0

@@ -164,7 +164,8 @@ class ImageFolderDataset(Dataset):
                 im = im.convert("RGB")  # grey, palette and RGBA images become RGB
                 arr = center_crop_arr(im, self.image_size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"corrupt or unreadable image {path}: {e}; remove it or pass --skip-corrupt") from e
+            hint = "skipped" if self.skip_corrupt else "remove it or pass --skip-corrupt"
+            raise DataError(f"corrupt or unreadable image {path}: {e}; {hint}") from e
         return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
     def __getitem__(self, i):
@@ -176,7 +177,7 @@ class ImageFolderDataset(Dataset):
                 if not self.skip_corrupt:
                     raise
                 self.num_skipped += 1
-                warnings.warn(f"skipping {e}", stacklevel=2)
+                warnings.warn(str(e), stacklevel=2)
         raise DataError("every image in the folder is unreadable")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import zipfile
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ def load_npz_images(path) -> np.ndarray:
             if "arr_0" not in d:
                 raise ValueError(f"{path} has no arr_0: an ADM sample file holds uint8 (N, H, W, C) images under arr_0")
             arr = d["arr_0"]
-    except (OSError, EOFError, ValueError, KeyError) as e:  # not a zip, truncated, object arrays, ...
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # not a zip, truncated, objects
         if "arr_0" in str(e) and isinstance(e, ValueError) and "has no arr_0" in str(e):
             raise
         raise ValueError(f"cannot read {path} as an .npz of images ({type(e).__name__}); an ADM sample file holds "
@@ -44,6 +45,9 @@ def check_images(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"{what}: images must be uint8 (N, H, W, C) with C = 1 or 3, got {arr.dtype} {arr.shape}; "
                          "switch-dit sample --num-fid-samples writes that format")
+    if len(arr) < 10:
+        raise ValueError(f"{what}: {len(arr)} images are too few to score (FID needs a covariance, precision/recall "
+                         "k + 1 neighbours); give at least 10")
     return arr
 
 
@@ -91,6 +95,9 @@ def reference_features(extractor: Extractor, data: str, data_path: str | None, s
                       "size": image_size, "limit": limit, "subset": "random-seed0" if limit else "all",
                       "mtime": _mtime(data, data_path)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    for d in (Path(cache_dir), Path(cache_dir) / "refstats"):
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"--cache-dir {cache_dir}: {d} is a file, not a folder; give a folder for the cache")
     path = Path(cache_dir) / "refstats" / f"{digest}.npz"
     if path.is_file():
         with np.load(path) as d:

@@ -27,7 +27,10 @@ class DistInfo:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
