@@ -56,6 +56,34 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
                        "EC loop / EC-MoE": r["EC-MoE loop"] / r["EC-MoE"]}}
 
 
+def bench_steps(device, reps: int, size: str = "XS", patch: int = 4, image: int = 16, batch: int = 64) -> dict:
+    """Training-step time (flow matching, AdamW) of DiT, Switch-DiT, TC-MoE and EC-MoE at the comparison's setting
+    (XS/4, 16x16 grey, batch 64), interleaved: the time-per-step column the comparison's wall clock cannot give."""
+    from switch_dit import create_model
+    from switch_dit.flow import FlowMatching
+
+    flow = FlowMatching()
+    x = torch.randn(batch, 1, image, image, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fns = {}
+    for variant in ("DiT", "Switch-DiT", "TC-MoE", "EC-MoE"):
+        torch.manual_seed(0)
+        model = create_model(f"{variant}-{size}/{patch}", input_size=image, in_channels=1, num_classes=10,
+                             learn_sigma=False).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(m=model, o=opt):
+            t = torch.rand(batch, device=device)
+            loss = flow.training_losses(m, x, t, dict(y=y))["loss"]
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+        fns[variant] = step
+    r = interleaved(fns, reps, device)
+    return {"setting": f"{size}/{patch}, {image}x{image}x1, batch {batch}, flow matching, AdamW",
+            "ms": {k: v * 1e3 for k, v in r.items()}, "ratio_to_dit": {k: v / r["DiT"] for k, v in r.items()}}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +92,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256], help="tokens per sample")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", help="folder for bench_moe.json and bench_moe.md")
+    ap.add_argument("--steps", action="store_true",
+                    help="also time whole training steps of DiT, Switch-DiT, TC-MoE and EC-MoE at XS/4, batch 64")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     head = f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} reps={args.reps}"
@@ -76,10 +106,15 @@ def main(argv=None) -> list[dict]:
         print(f"batch {args.batch} x {tokens} tokens, D={args.dim} (active params: dense {res['active_params']['dense FFN']:,}, "
               f"MoE {res['active_params']['MoE']:,}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
         print("  " + ", ".join(f"{k} = {v:.2f}" for k, v in ra.items()) + "   (target: MoE / dense <= 1.3)")
+    steps = None
+    if args.steps:
+        steps = bench_steps(device, args.reps)
+        print(f"training step ({steps['setting']}): " + ", ".join(
+            f"{k} {v:.1f} ms ({steps['ratio_to_dit'][k]:.2f}x DiT)" for k, v in steps["ms"].items()))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_moe.json").write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
+        (out / "bench_moe.json").write_text(json.dumps({"setup": head, "rows": rows, "steps": steps}, indent=1))
         lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions.",
                  "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
                  "| TC loop / TC-MoE | EC loop / EC-MoE |", "|---|---|---|---|---|---|---|---|"]
@@ -88,6 +123,10 @@ def main(argv=None) -> list[dict]:
             lines.append(f"| {r['batch']} x {r['tokens']} | {ms['dense FFN']:.1f} | {ms['TC-MoE']:.1f} | "
                          f"{ms['EC-MoE']:.1f} | {ra['TC-MoE / dense']:.2f} | {ra['EC-MoE / dense']:.2f} | "
                          f"{ra['TC loop / TC-MoE']:.2f} | {ra['EC loop / EC-MoE']:.2f} |")
+        if steps:
+            lines += ["", f"Whole training steps ({steps['setting']}):", "", "| model | ms / step | / DiT |",
+                      "|---|---|---|"] + [f"| {k} | {v:.1f} | {steps['ratio_to_dit'][k]:.2f} |"
+                                          for k, v in steps["ms"].items()]
         (out / "bench_moe.md").write_text("\n".join(lines) + "\n")
     return rows
 

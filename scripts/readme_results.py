@@ -163,6 +163,10 @@ def moe_table() -> str:
                     if all(any(label_of(q) == v and q["seed"] == r["seed"] and
                                q.get("finished_step") == res["config"]["max_steps"] and q.get("evals")
                                for q in res["runs"].values()) for v in labels)})
+    if not seeds:
+        done = sum(r.get("finished_step") == res["config"]["max_steps"] for r in res["runs"].values())
+        return (f"(running: {done} of {len(labels) * len(res['config']['seeds'])} runs finished; the table appears "
+                "when every variant of a seed is done)")
     res = {**res, "runs": {k: r for k, r in res["runs"].items() if r["seed"] in seeds}}
     steps = sorted({int(s) for r in res["runs"].values() for s in r["evals"]})
     info = {}

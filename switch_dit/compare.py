@@ -332,7 +332,7 @@ def _aggregate(results: dict) -> dict:
         for step, ev in rec["evals"].items():
             for m in ("fid", "is_mean", "precision", "recall"):
                 agg.setdefault(variant, {}).setdefault(int(step), {}).setdefault(m, []).append(ev[m])
-    return {v: {s: {m: (float(np.mean(x)), _sd(x)) for m, x in ms.items()} for s, ms in sorted(steps.items())}
+    return {v: {s: {m: (float(np.mean(x)), _sd(x), len(x)) for m, x in ms.items()} for s, ms in sorted(steps.items())}
             for v, steps in agg.items()}
 
 
@@ -678,7 +678,7 @@ def write_report(results: dict, out: Path) -> Path:
              "| ms / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():
         for s, m in steps.items():
-            fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if band else ""))
+            fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if m[key][2] > 1 else ""))
             lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['active']:.2f} | {info[v]['gflops']:.4f} | {s} | "
                          f"{fmt('fid')} | {fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
                          f"{np.mean(info[v]['time']):.0f} | {np.mean(info[v]['ms']):.0f} |")

@@ -65,8 +65,8 @@ def test_evaluate_from_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert run_cli("train", *TINY, "--max-steps", 2, "--results-dir", out) == 0
     assert run_cli("evaluate", "--ckpt", out / "checkpoints" / "step_0000002.pt", "--num-samples", 20,
-                   "--num-sampling-steps", 2, "--ref-data", "digits", "--cache-dir", tmp_path,
-                   "--out", tmp_path / "s.json") == 0
+                   "--num-sampling-steps", 2, "--ref-data", "digits", "--features", "fmnist-classifier",
+                   "--cache-dir", tmp_path, "--out", tmp_path / "s.json") == 0
     res = json.loads((tmp_path / "s.json").read_text())
     assert res["num_samples"] == 20 and np.isfinite(res["fid"])
 
@@ -85,7 +85,7 @@ def test_bad_npz(tmp_path, arr, match):
 def test_missing_inception_says_how_to_install(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no such file"):
         find_inception(str(tmp_path / "none.pt"))
-    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((12, 8, 8, 1), dtype=np.uint8))
     code = run_cli("evaluate", "--npz", tmp_path / "s.npz", "--ref-data", "digits", "--features", "inception",
                    "--inception", tmp_path / "none.pt")
     assert code != 0 and "none.pt" in capsys.readouterr().err

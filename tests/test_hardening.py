@@ -120,8 +120,8 @@ def test_divergence_advice_names_a_checkpoint_that_trains_on(tmp_path, capsys):
     (["--config", "YAML:global_batch_size: sixteen"], "global-batch-size must be an integer, got 'sixteen'"),
     (["--config", "YAML:lr: [1, 2]"], "option lr must be a number, got [1, 2]"),
     (["--config", "YAML:ema_warmup: maybe"], "ema-warmup must be true or false"),
-    (["--image-size", "0"], "--image-size must be >= 1, got 0"),
-    (["--image-size", "-8"], "--image-size must be >= 1, got -8"),
+    (["--image-size", "0"], "--image-size must be between 1 and 4096 pixels, got 0"),
+    (["--image-size", "-8"], "--image-size must be between 1 and 4096 pixels, got -8"),
     (["--image-size", "7"], "not divisible by the patch size 2"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
@@ -183,10 +183,10 @@ def test_checkpoint_with_our_tag_but_missing_keys(tiny_ckpt, tmp_path, capsys):
     broken.parent.mkdir(parents=True)
     torch.save(state, broken)
     err = _one_line_error(capsys, "sample", broken, "--out", tmp_path / "x.png")
-    assert "without ema" in err and "damaged" in err
+    assert "no ema" in err and "damaged" in err
     err = _one_line_error(capsys, "train", *TINY, "--max-steps", 2, "--results-dir", tmp_path / "run",
                           "--resume", "auto")
-    assert "lacks ema, opt" in err and "damaged" in err
+    assert "no ema, opt" in err and "damaged" in err
 
 
 def test_errors_under_torchrun_are_printed_by_rank_zero_only(tmp_path, capsys, monkeypatch):

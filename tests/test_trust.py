@@ -33,14 +33,33 @@ CHANGES = [("cfg_scale", ["--cfg-scale", "3"]), ("sampler", ["--sampler", "ddim"
            ("model_sha256", None)]
 
 
-@pytest.mark.parametrize("field,flags", CHANGES, ids=[c[0] for c in CHANGES])
-def test_a_sample_set_is_resumed_only_with_the_settings_that_made_it(tiny, tmp_path, capsys, field, flags):
-    out = tmp_path / "s.npz"
-    assert _npz(tiny, out) == 0
+@pytest.fixture(scope="module")
+def drawn(tiny, tmp_path_factory):
+    """One sample set, drawn once; each case below starts from a copy of it (resumed, not redrawn)."""
+    d = tmp_path_factory.mktemp("drawn")
+    assert _npz(tiny, d / "s.npz") == 0
+    return d
+
+
+def test_a_rerun_with_the_same_settings_resumes(tiny, drawn, tmp_path):
+    import shutil
+
+    shutil.copytree(drawn, tmp_path, dirs_exist_ok=True)
     parts = sorted((tmp_path / "s.npz.parts").glob("0*.npz"))
     stamp = [p.stat().st_mtime_ns for p in parts]
-    assert _npz(tiny, out) == 0  # the same settings: resumed, nothing redrawn
+    assert _npz(tiny, tmp_path / "s.npz") == 0  # the same settings: resumed, nothing redrawn
     assert [p.stat().st_mtime_ns for p in parts] == stamp
+    with np.load(tmp_path / "s.npz") as d:
+        manifest = json.loads(str(d["manifest"]))
+    assert manifest["provenance"]["model_file"].endswith(".pt") and len(manifest["model_sha256"]) == 64
+
+
+@pytest.mark.parametrize("field,flags", CHANGES, ids=[c[0] for c in CHANGES])
+def test_a_sample_set_is_resumed_only_with_the_settings_that_made_it(tiny, drawn, tmp_path, capsys, field, flags):
+    import shutil
+
+    shutil.copytree(drawn, tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "s.npz"
     first = np.load(out)["arr_0"]
     capsys.readouterr()
     if flags is None:  # another checkpoint of the same model
@@ -53,10 +72,13 @@ def test_a_sample_set_is_resumed_only_with_the_settings_that_made_it(tiny, tmp_p
     assert "holds samples drawn with other settings" in err and field in err and "--overwrite" in err
     assert len(err.strip().splitlines()) == 1
     assert np.array_equal(np.load(out)["arr_0"], first)  # nothing mixed in
-    assert rerun("--overwrite") == 0
-    with np.load(out) as d:
-        manifest = json.loads(str(d["manifest"]))
-    assert manifest["provenance"]["model_file"].endswith(".pt") and len(manifest["model_sha256"]) == 64
+    if field in ("cfg_scale", "model_sha256"):  # --overwrite draws the new set (two cases suffice: it is one code path)
+        with np.load(out) as d:
+            old = json.loads(str(d["manifest"]))
+        assert rerun("--overwrite") == 0
+        with np.load(out) as d:
+            new = json.loads(str(d["manifest"]))
+        assert new[field] != old[field]  # the set on disk is now the one these settings draw
 
 
 def test_sample_output_names_must_fit_the_format(tiny, tmp_path):
