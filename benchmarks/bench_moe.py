@@ -3,7 +3,8 @@
     python benchmarks/bench_moe.py [--device cpu|cuda] [--reps 15] [--dim 384] [--out DIR]
 
 For batch 64 at 16 and at 256 tokens a sample: forward + backward of the dense FFN (D -> 4D -> D), of TC-MoE
-(token choice, 8 experts, top-2 + 1 shared, capacity factor 1.25: the training setting) and EC-MoE (expert choice
+(token choice, 8 experts, top-2 + 1 shared, capacity factor 1.25: the training setting; and at capacity 1.0, the
+dispatch without padding) and EC-MoE (expert choice
 over the batch, capacity factor 2 + 1 shared), all with the same active parameters per token, and of the
 straightforward per-expert loops the tests check them against. Prints ms and the ratios MoE / dense (target
 <= 1.3 on a CPU) and loop / MoE; ``--out`` writes bench_moe.{json,md}.
@@ -36,11 +37,14 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
     torch.manual_seed(0)
     dense = Mlp(dim, 4 * dim).to(device).train()
     tc = TokenChoiceMoE(dim, 8, 2, 1, capacity_factor=1.25).to(device).train()
+    tc1 = TokenChoiceMoE(dim, 8, 2, 1, capacity_factor=1.0).to(device).train()  # no padding: the dispatch alone
+    tc1.load_state_dict(tc.state_dict())
     ec = ExpertChoiceMoE(dim, 8, 2.0, 1, scope="batch").to(device).train()
     x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
     grad = torch.randn(batch, tokens, dim, device=device)
     fns = {"dense FFN": _fwd_bwd(dense, x, grad),
            "TC-MoE": _fwd_bwd(lambda v: tc(v)[0], x, grad),
+           "TC-MoE (capacity 1.0)": _fwd_bwd(lambda v: tc1(v)[0], x, grad),
            "EC-MoE": _fwd_bwd(lambda v: ec(v)[0], x, grad),
            "TC-MoE loop": _fwd_bwd(lambda v: reference_token_choice(tc, v), x, grad),
            "EC-MoE loop": _fwd_bwd(lambda v: reference_expert_choice(ec, v), x, grad)}
@@ -48,10 +52,11 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
     active = {k: sum(p.numel() for p in m.parameters()) for k, m in (("dense FFN", dense),)}
     per_expert = sum(p[0].numel() for p in tc.experts.parameters())
     moe_active = sum(p.numel() for p in tc.parameters()) - (tc.num_experts - tc.top_k) * per_expert
-    tc.pop_stats()
+    tc.pop_stats(), tc1.pop_stats()
     return {"batch": batch, "tokens": tokens, "dim": dim, "ms": {k: v * 1e3 for k, v in r.items()},
             "active_params": {"dense FFN": active["dense FFN"], "MoE": moe_active},
             "ratios": {"TC-MoE / dense": r["TC-MoE"] / r["dense FFN"], "EC-MoE / dense": r["EC-MoE"] / r["dense FFN"],
+                       "TC-MoE capacity 1.0 / dense": r["TC-MoE (capacity 1.0)"] / r["dense FFN"],
                        "TC loop / TC-MoE": r["TC-MoE loop"] / r["TC-MoE"],
                        "EC loop / EC-MoE": r["EC-MoE loop"] / r["EC-MoE"]}}
 
@@ -117,11 +122,12 @@ def main(argv=None) -> list[dict]:
         (out / "bench_moe.json").write_text(json.dumps({"setup": head, "rows": rows, "steps": steps}, indent=1))
         lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions.",
                  "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
-                 "| TC loop / TC-MoE | EC loop / EC-MoE |", "|---|---|---|---|---|---|---|---|"]
+                 "| TC-MoE at capacity 1.0 / dense | TC loop / TC-MoE | EC loop / EC-MoE |", "|---" * 9 + "|"]
         for r in rows:
             ms, ra = r["ms"], r["ratios"]
             lines.append(f"| {r['batch']} x {r['tokens']} | {ms['dense FFN']:.1f} | {ms['TC-MoE']:.1f} | "
                          f"{ms['EC-MoE']:.1f} | {ra['TC-MoE / dense']:.2f} | {ra['EC-MoE / dense']:.2f} | "
+                         f"{ra['TC-MoE capacity 1.0 / dense']:.2f} | "
                          f"{ra['TC loop / TC-MoE']:.2f} | {ra['EC loop / EC-MoE']:.2f} |")
         if steps:
             lines += ["", f"Whole training steps ({steps['setting']}):", "", "| model | ms / step | / DiT |",

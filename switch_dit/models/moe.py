@@ -146,13 +146,15 @@ class TokenChoiceMoE(TokenMixture):
         keep = pos < C
         dest = torch.where(keep, expert * C + pos, E * C)  # E*C: a dump row for dropped slots
         token = torch.arange(T, device=x.device).repeat(k)
-        src = torch.full((E * C + 1,), T, dtype=torch.long, device=x.device).scatter_(0, dest, token)[:-1]
-        # index_select, not x[index]: its backward (index_add) is deterministic on CPU, advanced indexing's is not
-        buf = torch.cat([xt, xt.new_zeros(1, D)]).index_select(0, src).view(E, C, D)  # row T: zeros, empty places
-        out = self.experts(buf).reshape(E * C, D)
-        out = torch.cat([out, out.new_zeros(1, D)]).index_select(0, dest)  # (k*T, D); dropped: the zero row
+        # buffer place -> its token (empty places point at the last token: their gate weight below is 0, so neither
+        # their output nor any gradient through them counts)
+        src = torch.full((E * C + 1,), T - 1, dtype=torch.long, device=x.device).scatter_(0, dest, token)[:-1]
         w = (gates.t().reshape(-1) * keep).to(x.dtype)
-        y = (out * w[:, None]).view(k, T, D).sum(0)
+        w_buf = torch.zeros(E * C + 1, dtype=w.dtype, device=x.device).scatter(0, dest, w)[:-1]
+        # index_select/index_add, not x[index]: their backward passes are deterministic on CPU (advanced indexing's
+        # is not); each token receives its k weighted expert outputs by one index_add
+        out = self.experts(xt.index_select(0, src).view(E, C, D)).reshape(E * C, D)
+        y = torch.zeros_like(xt).index_add(0, src, out * w_buf[:, None])
         aux = None
         if self.training and self.aux_alpha > 0:
             f = counts.float() * (E / (k * T))  # before dropping, as DiT-MoE
