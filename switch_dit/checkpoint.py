@@ -122,7 +122,7 @@ class RunLock:
         import warnings
 
         me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(), "start": _start_time(os.getpid()),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "pidns": _pid_namespace(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         tmp = self.path.with_name(f".lock.{me['pid']}.{os.urandom(4).hex()}.tmp")
         tmp.write_text(json.dumps(me))
         guard = os.open(self.path.with_name(".lock.guard"), os.O_CREAT | os.O_RDWR, 0o644)
@@ -130,7 +130,7 @@ class RunLock:
             fcntl.flock(guard, fcntl.LOCK_EX)  # same-host contenders check and replace one at a time
             for _ in range(3):
                 try:
-                    os.link(tmp, self.path)
+                    _place(tmp, self.path)
                 except FileExistsError:
                     other = _read_lock(self.path)
                     if other is None:
@@ -139,7 +139,8 @@ class RunLock:
                         raise ValueError(f"{self.path} is unreadable (damaged, or not written by switch-dit); delete it "
                                          f"if no run uses {self.path.parent}")
                     pid, host = other.get("pid"), other.get("host")
-                    if host == me["host"] and _stale(other):
+                    # same host and same pid namespace (containers sharing a hostname see other pids): checkable
+                    if host == me["host"] and other.get("pidns") in (None, me["pidns"]) and _stale(other):
                         why = "that process is gone" if not (isinstance(pid, int) and _alive(pid)) else \
                             "its pid now belongs to another process"
                         warnings.warn(f"{self.path}: taking over the lock of run pid {pid} ({why})", stacklevel=2)
@@ -148,7 +149,9 @@ class RunLock:
                     where = f"pid {pid} on {host}" + (f", started {other['started']}" if other.get("started") else "")
                     raise ValueError(f"results dir {self.path.parent} is in use by another training run ({where}); "
                                      f"wait for it or stop it, or choose another --results-dir"
-                                     + ("" if host == me["host"] else f" (if no run is alive there, delete {self.path})"))
+                                     + ("" if host == me["host"] and other.get("pidns") in (None, me["pidns"])
+                                        else f" (it cannot be checked from here: if no run is alive there, delete "
+                                             f"{self.path})"))
                 self.held, self.me = True, me
                 return self
             raise ValueError(f"could not take the lock {self.path}; delete it if no run uses {self.path.parent}")
@@ -168,6 +171,30 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _place(tmp: Path, path: Path) -> None:
+    """Put the complete lock file at path, failing with FileExistsError if one is there: a hard link (atomic,
+    NFS too); where the file system has no hard links, an exclusive create and write (the guard flock covers
+    same-host racers)."""
+    import errno
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK):
+            raise
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(tmp.read_text())
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _read_lock(path: Path) -> dict | None:

@@ -20,15 +20,17 @@ def _train(args) -> int:
 
     saved = resumed_run_config(args)  # --resume: the run's own options are the base, flags given now win
     if saved:
-        from .config import ARCH_FIELDS
-        clash = [f"{k}: the run's {saved[k]!r} vs --{k.replace('_', '-')} {getattr(args, k)!r}" for k in ARCH_FIELDS
-                 if k in saved and getattr(args, k, None) is not None and getattr(args, k) != saved[k]]
+        from .config import ARCH_FIELDS, _apply_model_spec
+        given = {k: getattr(args, k) for k in ARCH_FIELDS if getattr(args, k, None) is not None}
+        if isinstance(given.get("model"), str) and ":" in given["model"]:  # a spec: its options count as flags
+            _, given = _apply_model_spec({"model": given["model"]}, given)
+        clash = [f"{k}: the run's {saved[k]!r} vs --{k.replace('_', '-')} {v!r}" for k, v in given.items()
+                 if k in ARCH_FIELDS and k in saved and v != saved[k]]
         if clash:
             raise ValueError(f"--resume continues a run of another model/config ({'; '.join(clash)}); leave these "
                              "flags out to continue it, or start a new run in another --results-dir")
     if saved and _is_rank0():
-        print(f"[switch-dit] resuming with the options of {args.results_dir if args.resume == 'auto' else args.resume}"
-              " run's config.yaml (flags given now override them)", flush=True)
+        print("[switch-dit] resuming with the options the run recorded (flags given now override them)", flush=True)
     cfg = config_from_args(args, resumed=saved)
     out = train(cfg, progress=not args.no_progress)
     if out.get("checkpoint") and _is_rank0():
@@ -187,8 +189,10 @@ def _export(args) -> int:
     try:  # what was written must load: say so only after reading it back
         load_model(str(path))
     except (CheckpointError, ValueError) as e:
-        import shutil
-        shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+        written = [Path(path) / n for n in ("config.json", "model.safetensors", "README.md")] if Path(path).is_dir() \
+            else [Path(path)]
+        for f in written:  # only what this command wrote, never the rest of a folder
+            f.unlink(missing_ok=True)
         raise CheckpointError(f"{args.ckpt} cannot be exported: the written model does not load back "
                               f"({' '.join(str(e).split())}); nothing was kept") from None
     print(f"[switch-dit] wrote {path} ({'EMA' if not args.no_ema else 'raw'} weights, {args.dtype}, "

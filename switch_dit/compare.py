@@ -243,9 +243,10 @@ def _copy_pictures(src: Path, label: str, out: Path, first_seed: bool) -> None:
 
     if not first_seed:
         return
-    for f in src.glob(f"{_run_name(label)}_*.png"):
-        if f.stem.split("_", 1)[1] in ("grid", "routing_map", "routing_affinity"):
-            shutil.copy(f, out / f.name)
+    name = _run_name(label)
+    for what in ("grid", "routing_map", "routing_affinity"):
+        if (src / f"{name}_{what}.png").is_file():
+            shutil.copy(src / f"{name}_{what}.png", out / f"{name}_{what}.png")
     if (src / f"{_run_name(label)}_analysis").is_dir():
         shutil.copytree(src / f"{_run_name(label)}_analysis", out / f"{_run_name(label)}_analysis", dirs_exist_ok=True)
 
@@ -304,8 +305,8 @@ def routing_lines(results: dict) -> list[str]:
              "timestep (a shared expert), experts never chosen, switch points (timesteps where a block's choice "
              "changes; t = 0 is the least noise), and the fraction of (timestep, slot) entries equal to the "
              "diffusion prior matched to the learned slots.", "",
-             "| seed | blocks with a shared expert | unused experts | switch points per block | where (block: t) "
-             "| agreement with the prior |", "|---|---|---|---|---|---|"]
+             "| variant | seed | blocks with a shared expert | unused experts | switch points per block | where "
+             "(block: t) | agreement with the prior |", "|---|---|---|---|---|---|---|"]
     for rec in recs:
         r = rec["routing"]
         per_block = [len(b["switch_timesteps"]) for b in r["blocks"]]
@@ -314,7 +315,7 @@ def routing_lines(results: dict) -> list[str]:
                           for b in r["blocks"] if b["switch_timesteps"])
         unused = sum(len(b["unused_experts"]) for b in r["blocks"])
         agree = f"{100 * r['prior_agreement']:.1f}%" if "prior_agreement" in r else "n/a"
-        lines.append(f"| {rec['seed']} | {r['blocks_with_a_shared_expert']}/{r['num_blocks']} | {unused} | "
+        lines.append(f"| {label_of(rec)} | {rec['seed']} | {r['blocks_with_a_shared_expert']}/{r['num_blocks']} | {unused} | "
                      f"{', '.join(map(str, per_block))} | {where or 'none'} | {agree} |")
     return lines
 
@@ -381,6 +382,8 @@ def _paired(results: dict, a: str, b: str, step: int) -> tuple[list[float], list
 def _verdict(gap: float, pooled: float, wins: int, n: int) -> str:
     """'yes' or 'no' only when the mean gap exceeds twice the seed spread and every paired seed agrees (with a
     single seed: when it agrees); anything less is within the seed noise, whichever way the means lean."""
+    if n < 2:
+        return "one seed: no spread to judge by"
     clear = abs(gap) > 2 * pooled and (wins == n if gap > 0 else wins == 0)
     if not clear:
         return "within seed noise"
@@ -561,7 +564,10 @@ def write_report(results: dict, out: Path) -> Path:
     # Only seeds whose runs are all finished and evaluated enter the report (a long comparison reports as it goes).
     finished = {(label_of(rec), rec["seed"]) for rec in results["runs"].values()
                 if rec.get("finished_step") == cfg.get("max_steps") and rec.get("evals")}
-    seeds = [s for s in asked if all((v, s) in finished for v in labels)] or asked
+    seeds = [s for s in asked if all((v, s) in finished for v in labels)]
+    partial = not seeds  # no seed done for every variant yet: report the runs there are, and say so
+    if partial:
+        seeds = sorted({s for _, s in finished}) or list(asked)
     results = {**results, "runs": {k: r for k, r in results["runs"].items()
                                    if r["seed"] in seeds and label_of(r) in labels}}
     agg = _aggregate(results)
@@ -574,7 +580,7 @@ def write_report(results: dict, out: Path) -> Path:
                                 "gflops": rec.get("gflops"), "time": [], "ms": []})
         i["time"].append(rec.get("train_seconds", float("nan")))
         i["ms"].append(1000 * rec.get("train_seconds", float("nan")) / max(rec.get("finished_step") or 1, 1))
-    band = len(seeds) > 1
+    band = len(seeds) > 1 and not partial
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for v, steps in agg.items():
         xs = list(steps)
@@ -664,7 +670,10 @@ def write_report(results: dict, out: Path) -> Path:
              "seeds (ddof = 1).", "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
-                "rerunning the command resumes them.", ""] if set(asked) - set(seeds) else []),
+                "rerunning the command resumes them.", ""] if set(asked) - set(seeds) and not partial else []),
+             *([f"**In progress**: no seed has finished for every variant yet; the tables show the runs finished so far "
+                f"(seed {', '.join(map(str, seeds))}), each from one seed: no spreads, no verdicts.", ""]
+               if partial else []),
              *([f"Runs taken over from an earlier comparison (same config and evaluation; their first "
                 f"{next(r['reuse_check_steps'] for r in runs.values() if r.get('reused_from'))} training steps "
                 "retrained here to bit-identical losses): "

@@ -108,6 +108,8 @@ class Config:
              f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}"),
             (self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
             (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
+            (-2**31 <= self.global_seed < 2**32, f"--global-seed must be in [-2^31, 2^32), got {self.global_seed} "
+             "(per-sample seeds are seed * 1000003 + i, which must fit in 64 bits)"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
@@ -316,9 +318,24 @@ def resumed_run_config(args: argparse.Namespace) -> dict | None:
     from pathlib import Path
 
     if resume == "auto":
-        path = Path(getattr(args, "results_dir", None) or Config.results_dir) / "config.yaml"
+        folder = getattr(args, "results_dir", None)  # the run folder as the layering decides it: flag > YAML > preset
+        if folder is None and getattr(args, "config", None):
+            folder = load_yaml(args.config).get("results_dir")
+        if folder is None and getattr(args, "preset", None):
+            folder = PRESETS[args.preset].get("results_dir")
+        path = Path(folder or Config.results_dir) / "config.yaml"
     else:
-        path = Path(resume).parent.parent / "config.yaml"  # RESULTS/checkpoints/step_X.pt -> RESULTS/config.yaml
+        ckpt_path = Path(resume)
+        path = ckpt_path.parent.parent / "config.yaml"  # RESULTS/checkpoints/step_X.pt -> RESULTS/config.yaml
+        if ckpt_path.parent.name != "checkpoints" or not path.is_file():
+            from .checkpoint import FORMAT, load
+            try:  # a checkpoint outside its run folder: the options it records
+                saved = load(ckpt_path) if ckpt_path.is_file() else None
+            except ValueError:
+                return None  # the resume itself reports the damaged file
+            if not (isinstance(saved, dict) and saved.get("format") == FORMAT and isinstance(saved.get("config"), dict)):
+                return None
+            return {k: v for k, v in saved["config"].items() if k not in ("results_dir", "resume")}
     if not path.is_file():
         return None
     saved = load_yaml(str(path))

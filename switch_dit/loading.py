@@ -159,9 +159,12 @@ def _check_fits(cfg: Config, arch: dict, path) -> None:
     variant, size, patch = parse_model_name(cfg.model)
     depth, hidden, _ = MODEL_SIZES[size]
     if _FAMILY[variant] != arch["family"]:
-        guess = {"DiT/DTR": "DiT", "Switch-DiT": "Switch-DiT", "TC-MoE/EC-MoE": "TC-MoE or EC-MoE"}[arch["family"]]
-        raise ckpt.CheckpointError(f"{path} holds a {guess} model, not {cfg.model}: pass --model "
-                                   f"{guess.split(' or ')[0]}-{_size_name(arch)}/{arch['patch']}")
+        where = f"{_size_name(arch)}/{arch['patch']}"
+        fix = {"DiT/DTR": f"--model DiT-{where} (or DTR-{where})", "Switch-DiT": f"--model Switch-DiT-{where}",
+               "TC-MoE/EC-MoE": f"--model TC-MoE-{where} or EC-MoE-{where} (their weights look alike: name the one "
+                                "that trained them, and its --moe-scope for EC-MoE)"}[arch["family"]]
+        guess = {"DiT/DTR": "DiT", "Switch-DiT": "Switch-DiT", "TC-MoE/EC-MoE": "token-routed"}[arch["family"]]
+        raise ckpt.CheckpointError(f"{path} holds a {guess} model, not {cfg.model}: pass {fix}")
     if (depth, hidden, patch) != (arch["depth"], arch["hidden"], arch["patch"]):
         raise ckpt.CheckpointError(f"{path} holds a model of depth {arch['depth']}, width {arch['hidden']}, patch "
                                    f"{arch['patch']}, not {cfg.model} ({depth}, {hidden}, {patch}): pass --model "
@@ -241,7 +244,8 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         weights, meta = ckpt.load_exported(path)
         cfg = _config_from_record(meta["config"], path)
         _refuse_model_override(cfg, cfg_overrides, given, path)
-        model = build_checked(_override(cfg, cfg_overrides, given, ("noise_schedule",)), weights, path,
+        _refuse_recorded(cfg, cfg_overrides, given, path)
+        model = build_checked(_override(cfg, cfg_overrides, given, SAMPLING_FIELDS), weights, path,
                               meta["num_classes"])
         _agree(model, meta, path)
         return _attach(model.eval(), cfg, meta["step"], meta.get("class_names"), str(path)), cfg, meta["step"]
@@ -254,7 +258,8 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         if not isinstance(state, dict):
             raise ckpt.CheckpointError(f"{path}: its {'ema' if use_ema else 'model'} entry is not a state dict; "
                                        "the checkpoint is damaged: use another one")
-        model = build_checked(_override(cfg, cfg_overrides, given, ("noise_schedule",)), state, path,
+        _refuse_recorded(cfg, cfg_overrides, given, path)
+        model = build_checked(_override(cfg, cfg_overrides, given, SAMPLING_FIELDS), state, path,
                               _int(saved["num_classes"], "num_classes", path))
         _agree(model, saved, path)
         step = saved.get("step")
@@ -275,6 +280,8 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
     variant = authors_variant(state)
     if variant != "DiT":
         state = from_authors_state_dict(state)
+    if "model" not in recorded and "model" not in (given or _non_default(cfg_overrides) if cfg_overrides else set()):
+        cfg.model = _name_from_tensors(state, path, variant)  # nobody named the model: the tensors do
     cfg.validate()
     model = build_checked(cfg, state, path)
     names = [str(i) for i in range(model.num_classes)]  # other code's files name no classes (nor their data)
@@ -337,6 +344,21 @@ def check_training_state(saved, path, for_resume: bool = False) -> None:
         raise bad("its class_names are not a list of strings")
 
 
+def _name_from_tensors(state: dict, path, variant: str) -> str:
+    """The model name a state dict's shapes and keys say (DiT for DiT/DTR layouts: DTR has no weights of its own;
+    a token-routed mixture needs --model TC-MoE-... or EC-MoE-..., the two have the same weights)."""
+    arch = infer_architecture(state, path)
+    size = _size_name(arch)
+    if size == "?":
+        raise ckpt.CheckpointError(f"{path}: depth {arch['depth']} and width {arch['hidden']} are no size this code "
+                                   "knows (XS, Ti, S, B, L, XL)")
+    if arch["family"] == "TC-MoE/EC-MoE":
+        raise ckpt.CheckpointError(f"{path} holds a token-routed model: pass --model TC-MoE-{size}/{arch['patch']} or "
+                                   f"EC-MoE-{size}/{arch['patch']} (their weights look alike)")
+    family = "Switch-DiT" if arch["family"] == "Switch-DiT" else variant if variant == "DTR" else "DiT"
+    return f"{family}-{size}/{arch['patch']}"
+
+
 def _config_from_record(record, path) -> Config:
     if not isinstance(record, dict):
         raise ckpt.CheckpointError(f"{path}: its config is a {type(record).__name__}, not a mapping; the file is "
@@ -366,6 +388,24 @@ def _agree(model: DiT, record: dict, path) -> None:
 def _non_default(cfg: Config) -> set:
     default = Config()
     return {k for k in vars(cfg) if not k.startswith("_") and getattr(cfg, k) != getattr(default, k, None)}
+
+
+# What a model's user may change at load time: how it samples (and on which device, with which VAE); the rest is
+# what the file records.
+SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels", "ddim_eta", "global_seed", "device",
+                   "vae", "noise_schedule")
+
+
+def _refuse_recorded(cfg: Config, overrides: Config | None, given: set, path) -> None:
+    """load(path, top_k=1) on a file that records top_k=2 is a mistake, not a wish: one line naming it."""
+    if overrides is None:
+        return
+    wrong = [f"{k}={getattr(overrides, k)!r} (the file records {getattr(cfg, k)!r})" for k in sorted(given)
+             if k not in SAMPLING_FIELDS + ("model", "image_size", "data", "data_path") and hasattr(cfg, k)
+             and getattr(overrides, k) != getattr(cfg, k)]
+    if wrong:
+        raise ckpt.CheckpointError(f"{path} records its options; {', '.join(wrong)} cannot change how it was "
+                                   f"trained: leave {'them' if len(wrong) > 1 else 'it'} out")
 
 
 def _override(cfg: Config, overrides: Config | None, given: set, only: tuple | None = None) -> Config:
@@ -436,6 +476,9 @@ def save_pretrained(model: DiT, folder, config: Config | None = None, step: int 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; save_pretrained writes a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} holds other files; save_pretrained writes into an empty folder or over an earlier "
+                         "model folder: choose a new one")
     folder.mkdir(parents=True, exist_ok=True)
     step = step if step is not None else getattr(model, "step", None)
     from .flops import active_parameters
@@ -496,7 +539,8 @@ def _load_folder(folder: Path, use_ema: bool, cfg_overrides: Config | None):
     cfg = _config_from_record(info.get("config"), folder)
     given = set(getattr(cfg_overrides, "_given", ()))
     _refuse_model_override(cfg, cfg_overrides, given, folder)
-    model = build_checked(_override(cfg, cfg_overrides, given, ("noise_schedule",)), weights, folder,
+    _refuse_recorded(cfg, cfg_overrides, given, folder)
+    model = build_checked(_override(cfg, cfg_overrides, given, SAMPLING_FIELDS), weights, folder,
                           _int(info.get("num_classes"), "num_classes", folder))
     _agree(model, info, folder)
     return _attach(model.eval(), cfg, info.get("step"), info.get("class_names"), str(folder))

@@ -4,8 +4,9 @@
     images = pipe(class_labels=["Sneaker", 3], num_inference_steps=20, guidance_scale=2.5, sampler="dpm++",
                   generator=torch.Generator().manual_seed(0))
 
-Sample i of a call has the seed base * 1000003 + i, base = the generator's seed (or ``seed``, or the model's
-recorded global seed), exactly as ``switch-dit sample --global-seed base``: a call reproduces the command line.
+Sample i of a call has the seed base * 1000003 + i, base = the generator's seed modulo 2^32 (or ``seed``, or the
+model's recorded global seed), exactly as ``switch-dit sample --global-seed base``: a call reproduces the command
+line.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def class_index(model: DiT, label) -> int:
             raise ValueError(f"class {label} is out of range: this model has classes 0..{model.num_classes - 1}")
         return int(label)
     if isinstance(label, str):
+        folded = [n.lower() for n in names]
+        if label.strip().lower() in folded:  # names first: folders named "10", "2" sort as strings
+            return folded.index(label.strip().lower())
         if label.strip().lstrip("-").isdigit():
             return class_index(model, int(label))
-        folded = [n.lower() for n in names]
-        if label.strip().lower() in folded:
-            return folded.index(label.strip().lower())
     raise ValueError(f"unknown class {label!r}: give an index 0..{model.num_classes - 1} or one of "
                      f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
 
@@ -90,8 +91,8 @@ class Pipeline:
             cfg.num_sampling_steps = num_inference_steps
         if guidance_scale is not None:
             cfg.cfg_scale = guidance_scale
-        if generator is not None:
-            cfg.global_seed = generator.initial_seed()
+        if generator is not None:  # its seed, modulo 2^32 (an unseeded generator's is larger than seeds go)
+            cfg.global_seed = generator.initial_seed() % 2**32
         elif seed is not None:
             cfg.global_seed = seed
         cfg.validate()

@@ -420,10 +420,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 _log_samples(ema, diffusion, cfg, dataset, logger, step, device)
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 check_loss(watch.read())  # no checkpoint holds weights updated from a non-finite loss
+                # never save NaN/inf weights; every rank checks its own (equal) copy, so all stop together
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise TrainingDiverged(divergence_message(float("nan"), step, cfg, results / "checkpoints",
+                                                              health, trace["best"]))
                 if info.is_main:
-                    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # never save NaN/inf
-                        raise TrainingDiverged(divergence_message(float("nan"), step, cfg, results / "checkpoints",
-                                                                  health, trace["best"]))
                     last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health,
                                                      getattr(dataset, "class_names", None), trace)
                 probe = step

@@ -118,7 +118,7 @@ def test_resume_auto_reads_the_runs_own_options(tmp_path, capsys):
     state = load_state(out / "checkpoints" / "step_0000003.pt")
     assert state["config"]["model"] == "DiT-XS/2" and state["config"]["lr"] == 3e-4
     assert state["config"]["data"] == "digits" and state["step"] == 3
-    assert "resuming with the options of" in capsys.readouterr().out
+    assert "resuming with the options the run recorded" in capsys.readouterr().out
 
 
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
@@ -134,3 +134,25 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     scope: dict = {}
     for code in blocks:
         exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+
+
+def test_review_findings_stay_fixed(run, tmp_path, capsys):
+    """An unseeded generator, overrides at load time, a model spec on resume, a config.yaml named by --config."""
+    ckpt = run / "checkpoints" / "step_0000002.pt"
+    pipe = switch_dit.Pipeline.from_pretrained(str(ckpt), cfg_scale=3.0, sampler="ddim", num_sampling_steps=4)
+    assert (pipe.config.cfg_scale, pipe.config.sampler, pipe.config.num_sampling_steps) == (3.0, "ddim", 4)
+    assert pipe(class_labels=[1], generator=torch.Generator(), output_type="np").shape == (1, 8, 8, 1)
+    with pytest.raises(ValueError, match="top_k=1 .*records 2"):
+        switch_dit.load(ckpt, top_k=1)
+    # a model spec on --resume is the same model, not a clash
+    out = tmp_path / "spec"
+    spec = ["--model", "Switch-DiT-XS/2:lambda_dp=0.5", "--max-steps"]
+    assert run_cli("train", *TINY, *spec, 1, "--ckpt-every", 1, "--results-dir", out) == 0
+    assert run_cli("train", *TINY, *spec, 2, "--ckpt-every", 1, "--results-dir", out, "--resume", "auto") == 0
+    # --resume auto finds the run folder a --config YAML names
+    (tmp_path / "c.yaml").write_text(f"results_dir: {out}\n")
+    capsys.readouterr()
+    assert run_cli("train", "--config", tmp_path / "c.yaml", "--resume", "auto", "--max-steps", 3,
+                   "--no-progress") == 0
+    assert load_state(out / "checkpoints" / "step_0000003.pt")["config"]["lambda_dp"] == 0.5
+    assert run_cli("sample", ckpt, "--global-seed", 2 ** 40) == 2  # seeds must fit: one line, not an overflow
