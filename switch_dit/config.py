@@ -335,12 +335,24 @@ def resumed_run_config(args: argparse.Namespace) -> dict | None:
                 return None  # the resume itself reports the damaged file
             if not (isinstance(saved, dict) and saved.get("format") == FORMAT and isinstance(saved.get("config"), dict)):
                 return None
-            return {k: v for k, v in saved["config"].items() if k not in ("results_dir", "resume")}
+            return _checked_record({k: v for k, v in saved["config"].items() if k not in ("results_dir", "resume")},
+                                   ckpt_path)
     if not path.is_file():
         return None
     saved = load_yaml(str(path))
     saved.pop("results_dir", None)  # the folder the run is resumed in is the one given now
-    return saved
+    return _checked_record(saved, path)
+
+
+def _checked_record(values: dict, source) -> dict:
+    """A run's recorded options, valid, or a one-line error naming the file they come from."""
+    known = {f.name for f in fields(Config)}
+    try:
+        Config(**{k: v for k, v in values.items() if k in known}).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: the run's recorded options are invalid ({' '.join(str(e).split())}); the file "
+                         "is damaged or edited: resume from another checkpoint or start a new --results-dir") from None
+    return values
 
 
 def load_yaml(path: str) -> dict:

@@ -250,6 +250,10 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         _agree(model, meta, path)
         return _attach(model.eval(), cfg, meta["step"], meta.get("class_names"), str(path)), cfg, meta["step"]
     saved = ckpt.load(path)
+    fmt = saved.get("format") if isinstance(saved, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("switch-dit/") and fmt != ckpt.FORMAT:
+        raise ckpt.CheckpointError(f"{path} is a switch-dit file of another format ({fmt!r}; this version reads "
+                                   f"{ckpt.FORMAT!r}): use the version that wrote it, or export it there")
     if isinstance(saved, dict) and saved.get("format") == ckpt.FORMAT:
         check_training_state(saved, path)
         cfg = _config_from_record(saved["config"], path)
@@ -400,9 +404,10 @@ def _refuse_recorded(cfg: Config, overrides: Config | None, given: set, path) ->
     """load(path, top_k=1) on a file that records top_k=2 is a mistake, not a wish: one line naming it."""
     if overrides is None:
         return
+    from .config import ARCH_FIELDS  # what shapes the network; --model has its own message
+
     wrong = [f"{k}={getattr(overrides, k)!r} (the file records {getattr(cfg, k)!r})" for k in sorted(given)
-             if k not in SAMPLING_FIELDS + ("model", "image_size", "data", "data_path") and hasattr(cfg, k)
-             and getattr(overrides, k) != getattr(cfg, k)]
+             if k in ARCH_FIELDS and k != "model" and getattr(overrides, k) != getattr(cfg, k)]
     if wrong:
         raise ckpt.CheckpointError(f"{path} records its options; {', '.join(wrong)} cannot change how it was "
                                    f"trained: leave {'them' if len(wrong) > 1 else 'it'} out")
