@@ -577,9 +577,8 @@ def write_report(results: dict, out: Path) -> Path:
     for rec in runs.values():
         v = label_of(rec)
         i = info.setdefault(v, {"params": rec.get("params_m"), "active": rec.get("active_params_m", rec.get("params_m")),
-                                "gflops": rec.get("gflops"), "time": [], "ms": []})
+                                "gflops": rec.get("gflops"), "time": []})
         i["time"].append(rec.get("train_seconds", float("nan")))
-        i["ms"].append(1000 * rec.get("train_seconds", float("nan")) / max(rec.get("finished_step") or 1, 1))
     band = len(seeds) > 1 and not partial
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for v, steps in agg.items():
@@ -679,18 +678,19 @@ def write_report(results: dict, out: Path) -> Path:
                 "retrained here to bit-identical losses): "
                 + ", ".join(f"{k} from `{r['reused_from']}`" for k, r in runs.items() if r.get("reused_from")), ""]
                if any(r.get("reused_from") for r in runs.values()) else []),
-             "Train times are wall-clock seconds on a machine shared with other work, not a speed comparison "
-             "(benchmarks/bench_switch.py and benchmarks/bench_moe.py measure step-time ratios side by side). "
+             "Train times are wall-clock seconds on a machine shared with other work (and paused at times), not a "
+             "speed comparison: benchmarks/bench_switch.py and benchmarks/bench_moe.py measure time per step side by "
+             "side (benchmarks/results/bench_moe.md has these models' training steps). "
              "Active params: the parameters that act on one token (token-routed variants: the experts a token "
              "does not reach left out); GFLOPs count the active experts.", "",
-             "| model | params (M) | active params (M) | GFLOPs | step | FID | IS | precision | recall | train time (s) "
-             "| ms / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | params (M) | active params (M) | GFLOPs | step | FID | IS | precision | recall | wall-clock train "
+             "time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():
         for s, m in steps.items():
             fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if m[key][2] > 1 else ""))
             lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['active']:.2f} | {info[v]['gflops']:.4f} | {s} | "
                          f"{fmt('fid')} | {fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
-                         f"{np.mean(info[v]['time']):.0f} | {np.mean(info[v]['ms']):.0f} |")
+                         f"{np.mean(info[v]['time']):.0f} |")
     lines += loss_lines
     lines += pair_lines(results, agg, labels)
     lines += routing_lines(results)
