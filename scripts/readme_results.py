@@ -45,7 +45,7 @@ def _cell(res, label, step, labels) -> str:
     f = _fids(res, label, step)
     if not f:
         return ""
-    text = f"{np.mean(f):.1f} ± {_sd(f):.1f}"
+    text = f"{np.mean(f):.1f}" + (f" ± {_sd(f):.1f}" if len(f) > 1 else "")
     return f"**{text}**" if clearly_lowest(res, label, [v for v in labels if v != label], step) else text
 
 
@@ -180,11 +180,17 @@ def moe_table() -> str:
         r = info[v]
         maps = [q["routing"]["expert_map"]["mean_timestep_information_bits"] for q in res["runs"].values()
                 if label_of(q) == v and "expert_map" in q.get("routing", {})]
-        bits = f"{np.mean(maps):.2f} ± {_sd(maps):.2f}" if maps else "-"
+        nulls = [q["routing"]["expert_map"]["mean_null_information_bits"] for q in res["runs"].values()
+                 if label_of(q) == v and "mean_null_information_bits" in q.get("routing", {}).get("expert_map", {})]
+        bits = (f"{np.mean(maps):.2f}" + (f" ± {_sd(maps):.2f}" if len(maps) > 1 else "") +
+                (f" (null {np.mean(nulls):.2f})" if nulls else "")) if maps else "-"
         lines.append(f"| {v} | {kinds.get(v, '')} | {r['params_m']:.2f} | {r.get('active_params_m', r['params_m']):.2f} "
                      f"| {r['gflops']:.4f} | " + " | ".join(_cell(res, v, s, labels) for s in steps) + f" | {bits} |")
-    lines += ["", f"Seeds {', '.join(map(str, seeds))}; FID mean ± sample std (bold: beyond 2 seed std below every "
-              "other variant, lower in every paired seed)."]
+    if len(seeds) > 1:
+        lines += ["", f"Seeds {', '.join(map(str, seeds))}; FID mean ± sample std (bold: beyond 2 seed std below "
+                  "every other variant, lower in every paired seed)."]
+    else:
+        lines += ["", f"Seed {seeds[0]} only so far: one seed has no spread to judge differences by."]
     return "\n".join(lines)
 
 

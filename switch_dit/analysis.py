@@ -177,55 +177,76 @@ def _noised(cfg, x0: torch.Tensor, bins: torch.Tensor, num_bins: int, noise: tor
 
 
 @torch.no_grad()
-def token_expert_map(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, num_bins: int = 50,
-                     rounds: int = 16, seed: int = 0) -> np.ndarray:
-    """(blocks, bins, E): the fraction of a timestep bin's tokens that each expert processes, measured on real
-    images noised to every bin. Each forward is a batch with one sample per bin (mixed timesteps, as in training),
-    so expert choice over the batch sees the pool it was trained on; eval mode (token choice: dropless).
-    A token reaches top-k experts (token choice) or on average the capacity factor (expert choice). With the
-    defaults each bin holds 16 samples' tokens (256 at 16 tokens a sample)."""
+def token_expert_counts(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, num_bins: int = 50,
+                        rounds: int = 16, seed: int = 0) -> np.ndarray:
+    """(rounds, bins, blocks, E): for each noised sample, the number of its tokens each expert processes, measured
+    on real images noised to every bin. Each forward is a batch with one sample per bin (mixed timesteps, as in
+    training with uniform t), so expert choice over the batch sees a pool like its training pool; eval mode (token
+    choice: dropless). A token reaches top-k experts (token choice) or 0 to E, on average the capacity factor
+    (expert choice)."""
     mixtures = model.mixtures
     if not mixtures:
         raise ValueError("this model has no token-routed experts (TC-MoE or EC-MoE)")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(len(mixtures), num_bins, mixtures[0].num_experts, dtype=torch.float64)
-    tokens = torch.zeros(num_bins, dtype=torch.float64)
+    per_sample = model.x_embedder.num_patches
+    counts = np.zeros((rounds, num_bins, len(mixtures), mixtures[0].num_experts))
     bins = torch.arange(num_bins)
+    was_training = model.training
     model.eval()
     for m in mixtures:
         m.record = True
     try:
-        for _ in range(rounds):
+        for r in range(rounds):
             pick = torch.randint(0, len(images), (num_bins,), generator=g)
             noise = torch.randn(images[pick].shape, generator=g)
             xt, t = _noised(cfg, images[pick].float(), bins, num_bins, noise)
             model(xt.to(device), t.to(device), labels[pick].to(device))
-            per_sample = model.x_embedder.num_patches
             for i, m in enumerate(mixtures):
-                a = m.last_assign.double().cpu().view(num_bins, per_sample, -1)
-                counts[i] += a.sum(1)
-            tokens += per_sample
+                counts[r, :, i] = m.last_assign.double().cpu().view(num_bins, per_sample, -1).sum(1).numpy()
     finally:
         for m in mixtures:
             m.record, m.last_assign = False, None
-    return (counts / tokens.view(1, -1, 1)).numpy()
+        model.train(was_training)
+    return counts
+
+
+def token_expert_map(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, num_bins: int = 50,
+                     rounds: int = 16, seed: int = 0) -> np.ndarray:
+    """(blocks, bins, E): the fraction of a timestep bin's tokens that each expert processes (token_expert_counts
+    summed over its samples). With the defaults each bin holds 16 samples' tokens (256 at 16 tokens a sample)."""
+    counts = token_expert_counts(model, cfg, images, labels, num_bins, rounds, seed)
+    return (counts.sum(0) / (rounds * model.x_embedder.num_patches)).transpose(1, 0, 2)
 
 
 def routing_information(frac: np.ndarray) -> float:
     """Mutual information (bits) between the timestep bin and the expert a routed token slot reaches, for one
-    block's (bins, E) map of fractions (bins equally likely): 0 when every timestep uses the experts alike; at
-    most log2(E). Estimated from a finite sample of tokens, it is biased upward by about
-    (bins - 1)(E - 1) / (2 n ln 2) bits for n routed slots (0.01 bit for token_expert_map's defaults at 16 tokens
-    a sample, E = 8, k = 2)."""
-    p = frac / np.maximum(frac.sum(1, keepdims=True), 1e-12)  # p(expert | bin)
-    marginal = p.mean(0)
+    block's (bins, E) map of fractions: 0 when the experts' shares are the same at every timestep; at most
+    log2(E). Bins weigh by their routed slots (equal for token choice and Switch-DiT, whose tokens all get k
+    experts; expert choice may give some timesteps more experts per token, which ``routed_experts_per_token``
+    records: this information is about which experts, not how many). Measured on finite samples it is biased
+    upwards: ``permutation_null`` estimates by how much."""
+    joint = frac / max(float(frac.sum()), 1e-300)
+    p_bin = joint.sum(1, keepdims=True)
+    p_exp = joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return max(0.0, float((joint[nz] * np.log2(joint[nz] / (p_bin @ p_exp)[nz])).sum()))
 
-    def entropy(q):
-        q = q[q > 0]
-        return float(-(q * np.log2(q)).sum())
 
-    return max(0.0, entropy(marginal) - float(np.mean([entropy(row) for row in p])))
+def permutation_null(counts: np.ndarray, permutations: int = 50, seed: int = 0) -> np.ndarray:
+    """(blocks,): the mean ``routing_information`` of token_expert_counts' samples with their timestep bins
+    shuffled among them (each sample's tokens moved together, so the correlation of one image's tokens is kept):
+    what a map without any timestep dependence measures on a sample of this size (its upward bias)."""
+    R, B, N, E = counts.shape
+    flat = counts.reshape(R * B, N, E)
+    bins = np.tile(np.arange(B), R)
+    rng = np.random.default_rng(seed)
+    total = np.zeros(N)
+    for _ in range(permutations):
+        onehot = np.eye(B)[rng.permutation(bins)]  # (samples, bins)
+        frac = np.einsum("sb,sne->nbe", onehot, flat)
+        total += [routing_information(f) for f in frac]
+    return total / permutations
 
 
 def binned_switch_map(model: DiT, num_bins: int = 50) -> np.ndarray:
@@ -271,24 +292,41 @@ def binned_pattern(pattern: np.ndarray, num_experts: int, num_bins: int = 50) ->
     return binned.reshape(num_bins, NM // num_experts, num_experts).transpose(1, 0, 2)
 
 
-def token_routing_record(frac: np.ndarray, kind: str) -> dict:
+def token_routing_record(frac: np.ndarray, kind: str, null: np.ndarray | None = None) -> dict:
     """JSON-able summary of a (blocks, bins, E) routing map: per block the experts' share of the routed slots
-    (load balance: max share / mean share, 1 = balanced), the timestep information and the map itself."""
+    (load balance: max share / mean share, 1 = balanced), the routed experts a token gets at each timestep bin,
+    the timestep information, its permutation null where the map was measured on samples (None for Switch-DiT's
+    exact map), and the map itself."""
     blocks = []
     for b, f in enumerate(frac):
         share = f.sum(0) / max(f.sum(), 1e-12)
-        blocks.append({"block": b, "expert_share": [round(float(s), 4) for s in share],
-                       "max_over_mean_load": float(share.max() * len(share)),
-                       "timestep_information_bits": routing_information(f),
-                       "map": np.round(f, 4).tolist()})
+        rec = {"block": b, "expert_share": [round(float(s), 4) for s in share],
+               "max_over_mean_load": float(share.max() * len(share)),
+               "routed_experts_per_token": [round(float(v), 4) for v in f.sum(1)],
+               "timestep_information_bits": routing_information(f), "map": np.round(f, 4).tolist()}
+        if null is not None:
+            rec["null_information_bits"] = float(null[b])
+        blocks.append(rec)
     info = [b["timestep_information_bits"] for b in blocks]
-    return {"kind": kind, "num_blocks": len(blocks), "num_experts": int(frac.shape[2]), "num_bins": int(frac.shape[1]),
-            "max_information_bits": float(np.log2(frac.shape[2])), "mean_timestep_information_bits": float(np.mean(info)),
-            "blocks": blocks}
+    out = {"kind": kind, "num_blocks": len(blocks), "num_experts": int(frac.shape[2]), "num_bins": int(frac.shape[1]),
+           "max_information_bits": float(np.log2(frac.shape[2])), "mean_timestep_information_bits": float(np.mean(info)),
+           "blocks": blocks}
+    if null is not None:
+        out["mean_null_information_bits"] = float(np.mean(null))
+    return out
 
 
-def token_routing_figure(frac: np.ndarray, title: str, kind: str):
-    """Per block, a (timestep bin x expert) heat map of the fraction of the bin's tokens each expert processes."""
+def token_routing(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, num_bins: int = 50,
+                  rounds: int = 16, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """A token-routed model's (blocks, bins, E) map and its record with the permutation null."""
+    counts = token_expert_counts(model, cfg, images, labels, num_bins, rounds, seed)
+    frac = (counts.sum(0) / (rounds * model.x_embedder.num_patches)).transpose(1, 0, 2)
+    return frac, token_routing_record(frac, model.mixtures[0].kind, permutation_null(counts, seed=seed))
+
+
+def token_routing_figure(frac: np.ndarray, title: str, kind: str, null=None):
+    """Per block, a (timestep bin x expert) heat map of the fraction of the bin's tokens each expert processes,
+    titled with the timestep information (and its permutation null, where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,7 +345,8 @@ def token_routing_figure(frac: np.ndarray, title: str, kind: str):
         im = ax.imshow(frac[i], aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest",
                        extent=(-0.5, E - 0.5, 1.0, 0.0))
         info = routing_information(frac[i])
-        ax.set_title(f"block {i + 1}\nI(t; expert) = {info:.2f} bit", fontsize=8)
+        extra = "" if null is None else f"\n(null {null[i]:.2f})"
+        ax.set_title(f"block {i + 1}\nI(t; expert) = {info:.2f} bit{extra}", fontsize=8)
         ax.set_xticks(range(E))
         ax.set_xticklabels([str(e) for e in range(E)], fontsize=6)
         ax.set_xlabel("expert", fontsize=8)
@@ -325,10 +364,10 @@ def analyze_tokens(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frac = token_expert_map(model, cfg, images, labels, num_bins)
+    frac, summary = token_routing(model, cfg, images, labels, num_bins)
     kind = model.mixtures[0].kind
-    save_figure(token_routing_figure(frac, cfg.model, kind), out / "token_expert_map.png")
-    summary = token_routing_record(frac, kind)
+    null = [b["null_information_bits"] for b in summary["blocks"]]
+    save_figure(token_routing_figure(frac, cfg.model, kind, null), out / "token_expert_map.png")
     summary["files"] = {"token_expert_map": str(out / "token_expert_map.png")}
     (out / "routing.json").write_text(json.dumps(summary, indent=1))
     return summary

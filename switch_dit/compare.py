@@ -157,6 +157,9 @@ def _train_and_evaluate(rec: dict, cfg: Config, run_dir: Path, eval_every: int, 
         rec["finished_step"] = summary["step"]
     opts = model_options(cfg)
     rec["gflops"] = forward_gflops(cfg.model, cfg.image_size, 1, 10, **opts)
+    sampled = forward_gflops(cfg.model, cfg.image_size, 1, 10, as_sampled=True, **opts)
+    if sampled != rec["gflops"]:  # token choice: sampling computes more than the active experts (see flops)
+        rec["sampling_gflops"] = sampled
     rec["active_params_m"] = active_parameters(cfg) / 1e6
     for ckpt in sorted((run_dir / "checkpoints").glob("step_*.pt")):
         step = str(int(ckpt.stem.split("_")[1]))
@@ -276,8 +279,7 @@ def _routing(ckpt: Path, cfg: Config) -> dict | None:
     """The final EMA model's routing summary: Switch-DiT's (shared/unused experts, switch timesteps, agreement
     with the prior) and, for every routed variant, its (block, timestep bin, expert) map with the timestep
     information per block (``expert_map``); None for DiT and DTR (nothing learned routes)."""
-    from .analysis import (analysis_images, binned_switch_map, routing_record, token_expert_map,
-                           token_routing_record)
+    from .analysis import analysis_images, binned_switch_map, routing_record, token_routing, token_routing_record
     from .sample import load_model_for_sampling
 
     model, run_cfg, _ = load_model_for_sampling(str(ckpt))
@@ -286,8 +288,7 @@ def _routing(ckpt: Path, cfg: Config) -> dict | None:
         rec["expert_map"] = token_routing_record(binned_switch_map(model), "timestep")
         return rec
     if model.mixtures:
-        frac = token_expert_map(model, run_cfg, *analysis_images(run_cfg))
-        return {"expert_map": token_routing_record(frac, model.mixtures[0].kind)}
+        return {"expert_map": token_routing(model, run_cfg, *analysis_images(run_cfg))[1]}
     return None
 
 
@@ -323,6 +324,11 @@ def routing_lines(results: dict) -> list[str]:
 def _sd(x) -> float:
     """The sample standard deviation (ddof = 1) of seed results; 0 for a single seed."""
     return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def _pm(values, digits: int) -> str:
+    """' ± sample std' over several seeds; nothing for one (its spread is unknown, not 0)."""
+    return f" ± {_sd(values):.{digits}f}" if len(values) > 1 else ""
 
 
 def _aggregate(results: dict) -> dict:
@@ -466,7 +472,8 @@ def pair_lines(results: dict, agg: dict, labels: list[str]) -> list[str]:
             c = paired_comparison(*_paired(results, a, b, step))
             sds = f"{c['gap_in_sd']:.1f}" if c["gap_in_sd"] is not None else "-"
             p = _p(c["p"]) if c["p"] is not None else "-"
-            rows.append(f"| {a} vs {b} | {step} | {c['diff_mean']:+.2f} ± {c['diff_sd']:.2f} | {sds} | {p} | "
+            spread = f" ± {c['diff_sd']:.2f}" if c["n"] > 1 else ""
+            rows.append(f"| {a} vs {b} | {step} | {c['diff_mean']:+.2f}{spread} | {sds} | {p} | "
                         f"{c['wins']}/{c['n']} | **{c['verdict']}** |")
     if not rows:
         return []
@@ -496,18 +503,29 @@ def token_routing_lines(results: dict, labels: list[str], out: Path) -> list[str
              "sample per bin in every batch (mixed timesteps, as in training; token choice dropless). Switch-DiT's "
              "map is its gates' choice at each timestep. I(t; expert) is the mutual information between the "
              "timestep bin and the expert a routed token slot reaches (bits; 0 = every timestep uses the experts "
-             "alike; sampling bias about 0.01 bit for token maps); load = the busiest expert's share of the routed "
-             "slots over the mean share (1 = balanced). Mean ± sample std over seeds.", "",
-             "| variant | routing | seeds | I(t; expert), mean over blocks (bits) | max possible | per block (seed mean) "
-             "| busiest expert's load |", "|---|---|---|---|---|---|---|"]
+             "alike). A map measured on samples overstates it: the null is the same measurement with the samples' "
+             "timestep bins shuffled among them (each image's tokens kept together), what a router that ignores the "
+             "timestep would score; Switch-DiT's map is exact (null 0). Routed experts per token: the range over "
+             "timestep bins of the mean number of routed experts a token gets (expert choice can give some "
+             "timesteps more compute; constant k for the others). Load = the busiest expert's share of the routed "
+             "slots over the mean share (1 = balanced). Mean ± sample std over seeds where there are several.", "",
+             "| variant | routing | seeds | I(t; expert), mean over blocks (bits) | null (bits) | max possible "
+             "| per block (seed mean) | routed experts per token over t | busiest expert's load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label in [v for v in labels if v in recs]:
         per_seed = recs[label]
         means = [em["mean_timestep_information_bits"] for em in per_seed.values()]
         first = next(iter(per_seed.values()))
         blocks = np.mean([[b["timestep_information_bits"] for b in em["blocks"]] for em in per_seed.values()], 0)
         load = np.mean([max(b["max_over_mean_load"] for b in em["blocks"]) for em in per_seed.values()])
-        lines.append(f"| {label} | {first['kind']} | {len(per_seed)} | {np.mean(means):.3f} ± {_sd(means):.3f} | "
-                     f"{first['max_information_bits']:.2f} | {', '.join(f'{v:.2f}' for v in blocks)} | {load:.2f} |")
+        nulls = [em["mean_null_information_bits"] for em in per_seed.values() if "mean_null_information_bits" in em]
+        null = f"{np.mean(nulls):.3f}" if nulls else ("0 (exact)" if first["kind"] == "timestep" else "-")
+        per_tok = [v for em in per_seed.values() for b in em["blocks"] for v in b.get("routed_experts_per_token", [])]
+        per_tok = f"{min(per_tok):.2f} - {max(per_tok):.2f}" if per_tok else "-"
+        spread = _pm(means, 3)
+        lines.append(f"| {label} | {first['kind']} | {len(per_seed)} | {np.mean(means):.3f}{spread} | {null} | "
+                     f"{first['max_information_bits']:.2f} | {', '.join(f'{v:.2f}' for v in blocks)} | {per_tok} | "
+                     f"{load:.2f} |")
     fig = routing_side_by_side({v: recs[v][min(recs[v])] for v in labels if v in recs})
     fig.savefig(out / "routing_side_by_side.png", dpi=110)
     import matplotlib.pyplot as plt
@@ -549,6 +567,20 @@ def routing_side_by_side(maps: dict):
 
 _DATA_NAMES = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits", "folder": "an image folder",
                "latents": "VAE latents"}
+
+
+def _sampling_cost(runs: dict) -> str:
+    """A sentence for the variants whose sampling computes more than their active FLOPs (token choice's dropless
+    static buffers), with both numbers."""
+    seen, parts = set(), []
+    for r in runs.values():
+        if "sampling_gflops" not in r or label_of(r) in seen:
+            continue
+        seen.add(label_of(r))
+        parts.append(f"{label_of(r)} samples dropless through fixed per-expert buffers that hold every token, so a "
+                     f"sampling forward computes {r['sampling_gflops']:.4f} GFLOPs, not its active {r['gflops']:.4f} "
+                     "(training, where the capacity bounds the buffers, runs at the active compute)")
+    return (" " + "; ".join(parts) + ".") if parts else ""
 
 
 def write_report(results: dict, out: Path) -> Path:
@@ -648,8 +680,8 @@ def write_report(results: dict, out: Path) -> Path:
             diff = ""
             if ref in tail and v != ref and len(tail[ref]) == len(vals):
                 d = vals - tail[ref]
-                diff = f"{d.mean():+.5f} ± {_sd(d):.5f} ({int((d > 0).sum())}/{len(d)} seeds higher)"
-            loss_lines.append(f"| {v} | {vals.mean():.5f} ± {_sd(vals):.5f} | {diff} |")
+                diff = f"{d.mean():+.5f}{_pm(d, 5)} ({int((d > 0).sum())}/{len(d)} seeds higher)"
+            loss_lines.append(f"| {v} | {vals.mean():.5f}{_pm(vals, 5)} | {diff} |")
     verdicts = conclusions(results, agg) if labels == list(VARIANTS) else []
 
     objective = {"flow": "flow matching (linear interpolant, velocity target)"}.get(cfg.get("objective"), "DDPM")
@@ -680,9 +712,11 @@ def write_report(results: dict, out: Path) -> Path:
                if any(r.get("reused_from") for r in runs.values()) else []),
              "Train times are wall-clock seconds on a machine shared with other work (and paused at times), not a "
              "speed comparison: benchmarks/bench_switch.py and benchmarks/bench_moe.py measure time per step side by "
-             "side (benchmarks/results/bench_moe.md has these models' training steps). "
+             "side" + (" (benchmarks/results/bench_moe.md has the flow training steps of DiT, Switch-DiT, TC-MoE and "
+                       "EC-MoE at XS/4)" if any(r["model"].startswith(("TC-MoE", "EC-MoE")) for r in runs.values())
+                       else "") + ". "
              "Active params: the parameters that act on one token (token-routed variants: the experts a token "
-             "does not reach left out); GFLOPs count the active experts.", "",
+             "does not reach left out); GFLOPs count the active experts." + _sampling_cost(runs), "",
              "| model | params (M) | active params (M) | GFLOPs | step | FID | IS | precision | recall | wall-clock train "
              "time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, steps in agg.items():

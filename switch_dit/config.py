@@ -141,6 +141,16 @@ class Config:
                        (math.isfinite(self.moe_aux_alpha) and self.moe_aux_alpha >= 0,
                         f"--moe-aux-alpha must be a finite number >= 0, got {self.moe_aux_alpha}"),
                        (self.moe_scope in ("batch", "sample"), f"--moe-scope must be batch or sample, got {self.moe_scope!r}")]
+            # an option the chosen routing ignores is a mistake, not a no-op (EC-MoE's capacity is moe_top_k)
+            default = {f.name: f.default for f in dataclasses.fields(self)}
+            ignored = (("moe_capacity_factor", "moe_aux_alpha") if self.model.startswith("EC-MoE") else ("moe_scope",))
+            for name in ignored:
+                if getattr(self, name) != default[name]:
+                    other = "TC-MoE" if self.model.startswith("EC-MoE") else "EC-MoE"
+                    hint = (" (EC-MoE's capacity factor, the mean experts per token, is --moe-top-k)"
+                            if name == "moe_capacity_factor" else "")
+                    checks.append((False, f"--{name.replace('_', '-')} applies to {other} only; {self.model} ignores "
+                                          f"it{hint}: leave it at its default {default[name]!r}"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)

@@ -5,13 +5,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: int = 10, **options) -> float:
+def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: int = 10, as_sampled: bool = False,
+                   **options) -> float:
     """Multiply-accumulates / 1e9 of model(x, t, y) for one sample at one timestep.
 
     DiT and Switch-DiT report "GFLOPs" as multiply-accumulates (fvcore's convention: DiT-XL/2 = 118.6),
     so this counts MACs (torch's FLOP count / 2). Switch-DiT here runs the merged experts: one D x D
     matmul per token and block, fewer than routing each token through k experts. Token-routed mixtures count
-    their active experts (top-k / capacity factor per token on average)."""
+    their active experts (top-k / capacity factor per token on average); ``as_sampled`` counts what sampling
+    computes instead (token choice in eval mode is dropless: its static buffers run every token through every
+    expert's slot, E / k times the active routed FLOPs)."""
     from .models import create_model
 
     with torch.device("meta"):
@@ -22,7 +25,7 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
         y = torch.zeros(1, dtype=torch.long)
     model.to("meta")  # buffers made from numpy (positions, tables) too
     for m in model.mixtures:  # token choice at its active compute: each expert holds exactly its balanced share
-        if hasattr(m, "top_k"):
+        if hasattr(m, "top_k") and not as_sampled:
             model.train()
             m.capacity_factor = 1.0
     with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors

@@ -124,10 +124,9 @@ class Pipeline:
             return {"kind": "timestep", "map": pattern, "summary": analysis.routing_record(self.model, pattern),
                     "binned": analysis.binned_switch_map(self.model, num_bins)}
         if self.model.mixtures:
-            frac = analysis.token_expert_map(self.model, self.config, *analysis.analysis_images(self.config),
-                                             num_bins=num_bins)
-            return {"kind": self.model.mixtures[0].kind, "map": frac,
-                    "summary": analysis.token_routing_record(frac, self.model.mixtures[0].kind)}
+            frac, summary = analysis.token_routing(self.model, self.config, *analysis.analysis_images(self.config),
+                                                   num_bins=num_bins)
+            return {"kind": self.model.mixtures[0].kind, "map": frac, "summary": summary}
         raise ValueError(f"{self.config.model} has no learned routing (DiT and DTR); routing maps need Switch-DiT, "
                          "TC-MoE or EC-MoE")
 

@@ -103,6 +103,8 @@ def test_analyze_cli_on_a_token_routed_model(tmp_path):
             # each token reaches top-2 routed experts (token choice), or 2 on average (expert choice)
             assert abs(frac.sum(1).mean() - 2.0) < 0.02
             assert 0 <= b["timestep_information_bits"] <= 3.0 and b["max_over_mean_load"] >= 1.0
+            assert len(b["routed_experts_per_token"]) == 50 and 0 <= b["null_information_bits"] <= 3.0
+        assert summary["mean_null_information_bits"] >= 0
 
 
 def test_routing_information_is_zero_without_and_maximal_with_timestep_specialisation():
@@ -112,6 +114,43 @@ def test_routing_information_is_zero_without_and_maximal_with_timestep_specialis
     onehot = np.zeros((4, 4))
     onehot[np.arange(4), np.arange(4)] = 1.0  # each bin its own expert
     assert routing_information(onehot) == pytest.approx(2.0)
+
+
+
+def test_routing_information_weighs_bins_by_their_routed_slots():
+    """Expert choice can give timesteps different numbers of experts: the information is over routed slots (a
+    bin with twice the slots weighs twice), and a bin with more experts of the same mix carries none."""
+    from switch_dit.analysis import routing_information, token_routing_record
+
+    frac = np.array([[0.4, 0.0], [0.8, 0.8]])
+    # joint over slots: [[.2, 0], [.4, .4]]; p(bin) = (.2, .8), p(expert) = (.6, .4)
+    joint = frac / frac.sum()
+    want = sum(joint[i, j] * np.log2(joint[i, j] / (joint[i].sum() * joint[:, j].sum()))
+               for i in range(2) for j in range(2) if joint[i, j] > 0)
+    assert routing_information(frac) == pytest.approx(want) and want == pytest.approx(0.1710, abs=1e-4)
+    more = np.array([[0.25, 0.25], [1.0, 1.0]])
+    assert routing_information(more) == pytest.approx(0.0, abs=1e-12)
+    rec = token_routing_record(more[None], "expert-choice")
+    assert rec["blocks"][0]["routed_experts_per_token"] == [0.5, 2.0]  # the compute difference is recorded
+
+
+def test_permutation_null_measures_the_bias_of_a_timestep_blind_router():
+    """Samples whose routing ignores their bin score about the null; routing that follows the bin scores far above
+    it. The null is positive: a finite sample of a blind router still shows some information."""
+    from switch_dit.analysis import permutation_null, routing_information
+
+    rng = np.random.default_rng(0)
+    R, B, E, per = 8, 10, 4, 16
+    blind = rng.multinomial(per, np.full(E, 1 / E), size=(R, B, 1)).astype(float)  # (rounds, bins, 1 block, E)
+    measured = routing_information(blind.sum(0).transpose(1, 0, 2)[0])
+    null = permutation_null(blind, permutations=100)
+    # independent slots here, so the null is the Miller-Madow bias (B - 1)(E - 1) / (2 n ln 2), n = R B per slots
+    assert null.shape == (1,) and null[0] == pytest.approx((B - 1) * (E - 1) / (2 * R * B * per * np.log(2)), rel=0.3)
+    assert abs(measured - null[0]) < 3 * null[0]
+    follows = np.stack([rng.multinomial(per, np.eye(E)[b % E] * 0.9 + 0.025, size=(R, 1)) for b in range(B)], 1)
+    assert follows.shape == (R, B, 1, E)
+    info = routing_information(follows.sum(0).transpose(1, 0, 2)[0].astype(float))
+    assert info > 1.0 and permutation_null(follows.astype(float), permutations=50)[0] < 0.2 * info
 
 
 def test_a_one_switch_map_is_rebuilt_exactly_from_its_summary():

@@ -17,6 +17,8 @@ CASES = [
     ("token choice, dropless", lambda: TokenChoiceMoE(32, 8, 2, 1, capacity_factor=0), reference_token_choice),
     ("token choice, capacity never reached", lambda: TokenChoiceMoE(32, 6, 3, 2, capacity_factor=2.0),
      reference_token_choice),
+    ("token choice, over capacity in training", lambda: TokenChoiceMoE(32, 8, 2, 1, capacity_factor=1.0),
+     reference_token_choice),
     ("expert choice over the batch", lambda: ExpertChoiceMoE(32, 8, 2.0, 1, scope="batch"), reference_expert_choice),
     ("expert choice per sample", lambda: ExpertChoiceMoE(32, 4, 1.0, 0, scope="sample"), reference_expert_choice),
 ]
@@ -41,35 +43,61 @@ def test_dispatch_equals_a_loop_over_experts_with_gradients(case, mode):
 
 
 def test_token_choice_over_capacity_drops_second_choices_first_and_counts_them():
+    torch.manual_seed(0)
     moe = TokenChoiceMoE(8, 4, 2, 0, capacity_factor=1.0).train()
     with torch.no_grad():
         moe.gate_weight.zero_()
-        moe.gate_weight[0, 0] = 10.0  # every token: first choice expert 0, second choice expert 1
-        moe.gate_weight[1, 0] = 5.0
+        # tokens 0-3 (feature 0): first choice expert 1, second expert 0; tokens 4-7 (feature 1): first choice
+        # expert 0, second expert 2. Expert 0 gets 8 slots for a capacity of ceil(1 * 2 * 8 / 4) = 4: choice-major
+        # priority keeps tokens 4-7's first choices and drops tokens 0-3's second (token-major order would not)
+        moe.gate_weight[1, 0], moe.gate_weight[0, 0] = 10.0, 5.0
+        moe.gate_weight[0, 1], moe.gate_weight[2, 1] = 10.0, 5.0
     x = torch.zeros(1, 8, 8)
-    x[..., 0] = 1.0
-    _, aux = moe(x)
-    # 16 slots, capacity ceil(1 * 2 * 8 / 4) = 4 per expert: 4 first and 4 second choices kept
+    x[0, :4, 0] = 1.0
+    x[0, 4:, 1] = 1.0
+    x[..., 2:] = 0.1 * torch.randn(1, 8, 6)
+    y, _ = moe(x)
     tokens, kept, dropped, unrouted = moe.pop_stats().tolist()
-    assert (tokens, kept, dropped, unrouted) == (8, 8, 8, 4)
+    assert (tokens, kept, dropped, unrouted) == (8, 12, 4, 0)
     assert moe.pop_stats().sum() == 0  # popped
-    # the same tokens in eval mode are dropless
-    moe.eval()(x)
+    with torch.no_grad():
+        p = moe.gate_probs(x[0])
+        ref = moe.experts.reference
+        want = torch.stack([p[t, 1] * ref(x[0, t:t + 1], 1)[0] for t in range(4)] +
+                           [p[t, 0] * ref(x[0, t:t + 1], 0)[0] + p[t, 2] * ref(x[0, t:t + 1], 2)[0]
+                            for t in range(4, 8)])
+        torch.testing.assert_close(y[0], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, reference_token_choice(moe, x), rtol=1e-5, atol=1e-6)
+        # the same tokens in eval mode are dropless: tokens 0-3 get expert 0 back
+        y_eval, _ = moe.eval()(x)
     assert moe.pop_stats().tolist() == [8, 16, 0, 0]
+    assert not torch.allclose(y_eval[0, :4], y[0, :4]) and torch.allclose(y_eval[0, 4:], y[0, 4:])
 
 
-def test_load_balancing_loss_is_alpha_for_a_uniform_gate_and_larger_when_unbalanced():
-    moe = TokenChoiceMoE(16, 8, 2, 1, aux_alpha=0.01).train()
+def test_load_balancing_loss_equals_its_formula_and_trains_the_gate():
+    torch.manual_seed(0)
+    E, k, alpha = 8, 2, 0.01
+    moe = TokenChoiceMoE(16, E, k, 1, aux_alpha=alpha).train()
     with torch.no_grad():
         moe.gate_weight.zero_()
     x = torch.randn(2, 16, 16)
     _, aux = moe(x)
-    assert aux.item() == pytest.approx(0.01, rel=1e-6)  # sum_i f_i P_i = sum_i (E c_i / kT)(1 / E) = 1
+    assert aux.item() == pytest.approx(alpha, rel=1e-6)  # uniform gate: sum_i (E c_i / kT)(1 / E) = 1
     with torch.no_grad():
-        moe.gate_weight[0] = 5.0
-        moe.gate_weight[1] = 5.0
-    _, aux = moe(torch.rand(2, 16, 16) + 1)
-    assert aux.item() > 0.03
+        moe.gate_weight.normal_(0, 2.0)  # unbalanced: some experts chosen far more often
+    _, aux = moe(x)
+    # alpha * sum_i f_i P_i, f_i = E / (k T) * (slots choosing i), P_i = mean gate probability, written as loops
+    probs = moe.gate_probs(x.reshape(-1, 16)).detach()
+    T = probs.shape[0]
+    chosen = [0] * E
+    for t in range(T):
+        for e in probs[t].topk(k).indices.tolist():
+            chosen[e] += 1
+    want = alpha * sum(E / (k * T) * chosen[e] * probs[:, e].mean().item() for e in range(E))
+    assert aux.item() == pytest.approx(want, rel=1e-5)
+    assert aux.item() > 1.05 * alpha  # above its balanced minimum
+    aux.backward()
+    assert moe.gate_weight.grad is not None and moe.gate_weight.grad.abs().sum() > 0  # the loss reaches the gate
     assert moe.eval()(x)[1] is None  # no auxiliary loss outside training
 
 
@@ -102,6 +130,33 @@ def test_active_parameters_and_flops_within_5_percent_of_dense_dit(size, variant
                                                     learn_sigma=False).parameters())
     assert total > 1.5 * active_parameters(moe)  # 8 experts of which 2 (+1 shared) act
     assert forward_gflops(moe.model, 32, 1) == pytest.approx(forward_gflops(dense.model, 32, 1), rel=0.05)
+
+
+def test_an_option_the_routing_ignores_is_refused():
+    from switch_dit.config import Config
+
+    with pytest.raises(ValueError, match="moe-capacity-factor applies to TC-MoE only.*--moe-top-k"):
+        Config(model="EC-MoE-XS/4", moe_capacity_factor=2.0).validate()
+    with pytest.raises(ValueError, match="moe-aux-alpha applies to TC-MoE only"):
+        Config(model="EC-MoE-XS/4", moe_aux_alpha=0.1).validate()
+    with pytest.raises(ValueError, match="moe-scope applies to EC-MoE only"):
+        Config(model="TC-MoE-XS/4", moe_scope="sample").validate()
+    Config(model="EC-MoE-XS/4", moe_scope="sample", moe_top_k=3).validate()
+
+
+def test_token_choice_sampling_flops_are_counted_as_computed():
+    """Token choice samples dropless through buffers that hold every token for every expert: E / k times the
+    routed FFN FLOPs of training; the other variants sample at their active compute."""
+    from switch_dit.flops import forward_gflops
+
+    dit = forward_gflops("DiT-XS/4", 16, 1, 10)
+    tc, tc_sampled = forward_gflops("TC-MoE-XS/4", 16, 1, 10), forward_gflops("TC-MoE-XS/4", 16, 1, 10, as_sampled=True)
+    assert abs(tc / dit - 1) < 0.05 and tc_sampled > 2 * dit
+    ffn = 16 * 192 * 768 * 2 * 6 / 1e9  # the dense FFNs' MACs: 16 tokens, D = 192 to 4D and back, 6 blocks
+    routed = ffn * 2 / 3  # k = 2 of (k + 1 shared) fine-grained experts' share of the active FFN
+    assert tc_sampled - tc == pytest.approx(routed * (8 / 2 - 1), rel=0.03)
+    for name in ("EC-MoE-XS/4", "Switch-DiT-XS/4", "DiT-XS/4"):
+        assert forward_gflops(name, 16, 1, 10, as_sampled=True) == forward_gflops(name, 16, 1, 10)
 
 
 def test_options_are_checked():
@@ -157,36 +212,32 @@ def test_train_takes_a_variant_spec_as_its_model(tmp_path):
                    "--results-dir", tmp_path / "x") == 2
 
 
-def _ddp_worker(rank, world, port, out, model, scope):
+def _ddp_worker(rank, world, port, out, model, options):
     from switch_dit.config import Config
     from switch_dit.train import train
     from tests.helpers import dist_env
 
     dist_env(rank, world, port)
     train(Config(model=model, data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=3, ckpt_every=3,
-                 log_every=1, tensorboard=False, results_dir=out, device="cpu", moe_scope=scope, objective="flow"),
+                 log_every=1, tensorboard=False, results_dir=out, device="cpu", objective="flow", **options),
           progress=False)
 
 
-@pytest.mark.parametrize("model,scope", [("EC-MoE-XS/2", "sample"), ("TC-MoE-XS/2", "batch")])
-def test_ddp(tmp_path, model, scope):
-    """Two processes train both variants. Expert choice within each sample has no batch-level coupling, so two
-    processes equal one; token choice's capacity and balance loss see each process's own batch (as every MoE
-    trainer), so there the runs only agree roughly."""
+@pytest.mark.parametrize("model,options", [("EC-MoE-XS/2", {"moe_scope": "sample"}),
+                                           ("TC-MoE-XS/2", {"moe_capacity_factor": 0.0, "moe_aux_alpha": 0.0})])
+def test_ddp(tmp_path, model, options):
+    """Two processes equal one where the routing has no batch-level coupling: expert choice within each sample,
+    and token choice dropless without the balance loss (its capacity and balance loss, when on, see each process's
+    own batch, as in every MoE trainer)."""
     from switch_dit.config import Config
     from switch_dit.train import train
     from tests.helpers import run_processes
 
-    train(Config(model=model, data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=3, ckpt_every=3,
-                 log_every=1, tensorboard=False, results_dir=str(tmp_path / "one"), device="cpu", moe_scope=scope,
-                 objective="flow"), progress=False)
-    run_processes(_ddp_worker, 2, str(tmp_path / "two"), model, scope)
+    cfg = dict(model=model, data="digits", image_size=8, global_batch_size=8, lr=1e-3, max_steps=3, ckpt_every=3,
+               log_every=1, tensorboard=False, device="cpu", objective="flow", **options)
+    train(Config(results_dir=str(tmp_path / "one"), **cfg), progress=False)
+    run_processes(_ddp_worker, 2, str(tmp_path / "two"), model, options)
     a = load_state(tmp_path / "one" / "checkpoints" / "step_0000003.pt")["model"]
     b = load_state(tmp_path / "two" / "checkpoints" / "step_0000003.pt")["model"]
-    if scope == "sample":
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    else:
-        assert all(torch.isfinite(v).all() for v in b.values())
-        moved = max((a[k] - b[k]).abs().max().item() for k in a)
-        assert moved < 0.05  # three Adam steps of lr 1e-3 apart at most
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k

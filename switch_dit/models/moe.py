@@ -10,8 +10,8 @@ how tokens reach their FFN weights.
 Dispatch has static shapes (one sort, fixed-size per-expert buffers, two batched matmuls), so the forward
 compiles into one graph: no loop over tokens, no host sync.
 
-A mixture's forward returns ``(y, aux)``: the output and its auxiliary loss (token choice: the Switch-style
-load-balancing loss; expert choice: None, balanced by construction). Counters of routed and dropped token
+A mixture's forward returns ``(y, aux)``: the output and its auxiliary loss (token choice: DeepSeek-MoE's and
+DiT-MoE's load-balancing loss, counted over all k choices; expert choice: None, balanced by construction). Counters of routed and dropped token
 slots accumulate in non-persistent buffers for logging (``pop_stats``).
 """
 from __future__ import annotations
@@ -84,8 +84,12 @@ class TokenMixture(nn.Module):
         self.last_assign: torch.Tensor | None = None
 
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, E) softmax of the token-expert affinities, in float32."""
-        return F.linear(x, self.gate_weight.to(x.dtype)).float().softmax(dim=-1)
+        """(T, E) softmax of the token-expert affinities, computed in float32 even under autocast (the router's
+        selective precision, as Switch Transformer): bf16 logits would make near-ties of top-k device-dependent."""
+        if torch.amp.is_autocast_available(x.device.type):  # ('meta', for FLOP counting, has no autocast)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.gate_weight.float()).softmax(dim=-1)
+        return F.linear(x.float(), self.gate_weight.float()).softmax(dim=-1)
 
     def pop_stats(self) -> torch.Tensor:
         """The counters since the last call, zeroed."""
@@ -102,11 +106,13 @@ class TokenChoiceMoE(TokenMixture):
     plus always-on shared experts; a load-balancing loss alpha * E * sum_i f_i P_i (f_i: fraction of token slots
     sent to expert i, P_i: its mean gate probability).
 
-    In training each expert holds at most C = ceil(capacity_factor * k * tokens / E) of the batch's token slots
-    (first choices before second choices, then token order); the slots over capacity are dropped (their gate's
-    share of the output is zero, the token keeps the residual and the shared expert) and counted. In eval mode
-    routing is dropless (C = tokens), so a sample's output does not depend on the rest of its batch.
-    ``capacity_factor = 0`` is dropless in training too (E / k times the routed compute)."""
+    DiT-MoE trains dropless; the capacity here is GShard's and Switch Transformer's, the usual way to bound an
+    expert's buffer: in training each expert holds at most C = ceil(capacity_factor * k * tokens / E) of the batch's
+    token slots (first choices before second choices, then token order); the slots over capacity are dropped
+    (their gate's share of the output is zero, the token keeps the residual and the shared expert) and counted.
+    In eval mode routing is dropless (C = tokens), so a sample's output does not depend on the rest of its batch;
+    the static buffers then compute E / k times the routed FLOPs (``sampling_flops_factor``).
+    ``capacity_factor = 0`` is dropless in training too, as DiT-MoE."""
 
     kind = "token-choice"
 
@@ -123,6 +129,12 @@ class TokenChoiceMoE(TokenMixture):
         self.capacity_factor = capacity_factor
         self.aux_alpha = aux_alpha
         nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))  # nn.Linear's default, as DiT-MoE's gate
+
+    @property
+    def sampling_flops_factor(self) -> float:
+        """Routed FLOPs computed in eval mode over those of training's ideal (capacity 1): dropless static buffers
+        hold every token for every expert."""
+        return self.num_experts / self.top_k
 
     def capacity(self, num_tokens: int) -> int:
         if not self.training or self.capacity_factor <= 0:
@@ -157,11 +169,12 @@ class TokenChoiceMoE(TokenMixture):
         y = torch.zeros_like(xt).index_add(0, src, out * w_buf[:, None])
         aux = None
         if self.training and self.aux_alpha > 0:
-            f = counts.float() * (E / (k * T))  # before dropping, as DiT-MoE
+            f = counts.float() * (E / (k * T))  # every chosen slot counts, dropped or not (DiT-MoE has no drops)
             aux = self.aux_alpha * (f * probs.mean(0)).sum()
         with torch.no_grad():
             dropped = (~keep).sum().float()
-            self.stats += torch.stack([torch.tensor(float(T), device=x.device), k * T - dropped, dropped,
+            # python numbers enter as kernel scalars: no host-to-device copy (which would sync a CUDA stream)
+            self.stats += torch.stack([torch.full_like(dropped, T), k * T - dropped, dropped,
                                        (~keep.view(k, T)).all(0).sum().float()])
             if self.record:
                 self.last_assign = (F.one_hot(choice, E).float() * keep.view(k, T).t()[..., None].float()).sum(1)
@@ -169,14 +182,17 @@ class TokenChoiceMoE(TokenMixture):
 
 
 class ExpertChoiceMoE(TokenMixture):
-    """Expert choice (EC-DiT, DiffMoE's EC baseline): each expert takes the C tokens of its pool with the highest
-    softmax affinity, C = capacity_factor * tokens / E, and weights its output by that affinity; plus always-on
-    shared experts. Balanced by construction (no auxiliary loss); a token may get 0 to E routed experts, on
-    average capacity_factor.
+    """Expert choice: each expert takes the C tokens of its pool with the highest softmax affinity,
+    C = capacity_factor * tokens / E, and weights its output by that affinity; plus always-on shared experts.
+    Balanced by construction (no auxiliary loss); a token may get 0 to E routed experts, on average
+    capacity_factor.
 
-    scope = "batch": the pool is all tokens of the batch (a sample's output depends on the other samples,
-    in sampling too: the sampling batch is the pool, the guided pair included); scope = "sample": each
-    sample's tokens are their own pool (EC-DiT; batch-independent)."""
+    scope = "sample": each sample's tokens are their own pool, as EC-DiT and DiffMoE's EC baseline
+    (batch-independent). scope = "batch": the pool is all tokens of the batch, DiffMoE's global token pool
+    without its capacity predictor: in training the pool mixes timesteps, so experts can give noisy and clean
+    tokens different compute; in sampling every token of a batch shares one timestep, so each step gets the
+    average compute, the guided pair competes in one pool, and a sample's output depends on its batch (DiffMoE
+    replaces top-C by its learned thresholds at inference for this reason)."""
 
     kind = "expert-choice"
 
@@ -211,7 +227,8 @@ class ExpertChoiceMoE(TokenMixture):
         y = torch.zeros_like(xt).index_add(0, index.reshape(-1), out.reshape(-1, D))
         with torch.no_grad():
             hits = _count(index.reshape(-1), T)
-            self.stats += torch.tensor([float(T), float(E * G * C), 0.0, 0.0], device=x.device)
+            self.stats[0] += T  # python scalars, no host-to-device copy
+            self.stats[1] += E * G * C
             self.stats[3] += (hits == 0).sum().float()
             if self.record:
                 self.last_assign = torch.zeros(T, E, device=x.device).index_put_(
@@ -221,16 +238,21 @@ class ExpertChoiceMoE(TokenMixture):
 
 
 def reference_token_choice(moe: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
-    """Token choice written as a loop over experts and tokens' choices (no capacity: eval mode / dropless)."""
+    """Token choice written as a loop over token slots in priority order (every first choice in token order,
+    then every second choice, ...), each expert taking slots until its capacity is full."""
     B, L, D = x.shape
     xt = x.reshape(-1, D)
+    T = xt.shape[0]
     gates, choice = moe.gate_probs(xt).topk(moe.top_k, dim=-1)
+    C = moe.capacity(T)
+    used = [0] * moe.num_experts
     y = torch.zeros_like(xt)
-    for e in range(moe.num_experts):
-        for j in range(moe.top_k):
-            rows = (choice[:, j] == e).nonzero().flatten()
-            if len(rows):
-                y[rows] += gates[rows, j, None].to(x.dtype) * moe.experts.reference(xt[rows], e)
+    for j in range(moe.top_k):
+        for t in range(T):
+            e = int(choice[t, j])
+            if used[e] < C:
+                used[e] += 1
+                y[t] = y[t] + gates[t, j].to(x.dtype) * moe.experts.reference(xt[t:t + 1], e)[0]
     return moe._finish(xt, y).view(B, L, D)
 
 
