@@ -58,6 +58,19 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_a_yaml_config_with_python_tags_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    for text in (f'model: !!python/object/apply:os.system ["touch {marker}"]\n',
+                 f'max_steps: 2\nlr: !!python/object/new:os.system ["touch {marker}"]\n'):
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(text)
+        capsys.readouterr()
+        assert run_cli("train", *TINY, "--config", cfg, "--results-dir", tmp_path / "run") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "bad.yaml" in err, err
+    assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_authors_switch_dit_checkpoint_with_omegaconf_config_loads(tmp_path):
     import omegaconf  # installed by the test extras; the loader never imports it
     model = randomize_(create_model("Switch-DiT-XS/4", input_size=8, in_channels=1, num_classes=10)).eval()
