@@ -116,13 +116,22 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
         results["config"]["variants"] = labels
     if command:
         results["command"] = command
+    def run_config(label, variant, options, seed):
+        run_dir = out / "runs" / f"{_run_name(label)}_seed{seed}"
+        return run_dir, Config(**{**base, **options, "model": f"{variant}-{size}/{patch}", "global_seed": seed,
+                                  "results_dir": str(run_dir), "ckpt_every": eval_every, "keep_last": 1000,
+                                  "sample_every": 0, "resume": "auto"})
+
+    for label, variant, options in specs:  # every variant's options checked before the first run trains
+        try:
+            run_config(label, variant, options, seeds[0])[1].validate()
+        except ValueError as e:
+            raise ValueError(f"variant {label!r}: {e}") from None
     for seed in seeds:
         for label, variant, options in specs:
             name = f"{variant}-{size}/{patch}"
             key = f"{label}/seed{seed}"
-            run_dir = out / "runs" / f"{_run_name(label)}_seed{seed}"
-            cfg = Config(**{**base, **options, "model": name, "global_seed": seed, "results_dir": str(run_dir),
-                            "ckpt_every": eval_every, "keep_last": 1000, "sample_every": 0, "resume": "auto"})
+            run_dir, cfg = run_config(label, variant, options, seed)
             cfg.validate()
             rec = results["runs"].get(key)
             if rec is None and reuse is not None:

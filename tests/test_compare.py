@@ -77,6 +77,10 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
             "--objective", "flow"]
     assert run_cli(*base, "--out", tmp_path / "bad", "--variants", "DiT", "Switch-DiT:lamda_dp=0") == 2
     assert "lamda_dp" in capsys.readouterr().err and not (tmp_path / "bad" / "runs").exists()
+    # a known option with a value the variant refuses: also before the first variant trains
+    assert run_cli(*base, "--out", tmp_path / "bad", "--variants", "DiT", "EC-MoE:moe_capacity_factor=2") == 2
+    err = capsys.readouterr().err
+    assert "'EC-MoE:moe_capacity_factor=2'" in err and "--moe-top-k" in err and not (tmp_path / "bad" / "runs").exists()
     first = tmp_path / "first"
     assert run_cli(*base, "--out", first, "--variants", "DiT", "Switch-DiT:lambda_dp=0", "TC-MoE", "EC-MoE") == 0
     res = json.loads((first / "results.json").read_text())
@@ -90,6 +94,9 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
     report = (first / "report.md").read_text()
     assert report.startswith("# DiT vs Switch-DiT:lambda_dp=0 vs TC-MoE vs EC-MoE on scikit-learn digits")
     assert "| Switch-DiT:lambda_dp=0 vs TC-MoE | 2 |" in report and "## Which experts each timestep reaches" in report
+    assert "null (bits)" in report and "samples dropless through fixed per-expert buffers" in report
+    assert tc["sampling_gflops"] > 2 * tc["gflops"] and "sampling_gflops" not in res["runs"]["EC-MoE/seed0"]
+    assert "mean_null_information_bits" in res["runs"]["TC-MoE/seed0"]["routing"]["expert_map"]
     assert (first / "routing_side_by_side.png").is_file() and (first / "TC-MoE_routing_map.png").is_file()
     second = tmp_path / "second"
     assert run_cli(*base, "--out", second, "--variants", "DiT", "TC-MoE:moe_aux_alpha=0.1", "--reuse", first,
