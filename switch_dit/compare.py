@@ -578,6 +578,28 @@ _DATA_NAMES = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits"
                "latents": "VAE latents"}
 
 
+BENCH_MOE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench_moe.json"
+
+
+def _step_time_lines(results: dict, labels: list[str], bench: Path = BENCH_MOE) -> list[str]:
+    """Time per training step of the variants as bench_moe.py measured them side by side (its committed JSON),
+    where its setting is this comparison's (XS/4, flow matching); wall-clock train times cannot compare speed."""
+    cfg = results["config"]
+    if not bench.is_file() or (cfg.get("size"), cfg.get("patch"), cfg.get("objective")) != ("XS", 4, "flow"):
+        return []
+    try:
+        steps = json.loads(bench.read_text())["steps"]
+        ms, ratio = steps["ms"], steps["ratio_to_dit"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    rows = [f"| {v} | {ms[v]:.1f} | {ratio[v]:.2f} |" for v in labels if v in ms and v in ratio]
+    if not rows:
+        return []
+    return ["", f"Time per training step, measured side by side in one run by `benchmarks/bench_moe.py --steps` "
+                f"({steps.get('setting', 'XS/4, flow matching')}; benchmarks/results/bench_moe.json); variants with "
+                "options are not in it:", "", "| variant | ms / step | / DiT |", "|---|---|---|", *rows]
+
+
 def _sampling_cost(runs: dict) -> str:
     """A sentence for the variants whose sampling computes more than their active FLOPs (token choice's dropless
     static buffers), with both numbers."""
@@ -707,7 +729,11 @@ def write_report(results: dict, out: Path) -> Path:
              "matters only for expert choice over the batch) scored with the bundled Fashion-MNIST classifier's "
              f"features against {ref_set['num']:,} images of the {ref_set['split']} split of the training data. "
              "These numbers are not comparable with Inception-based FID/IS. ± is the sample standard deviation over "
-             "seeds (ddof = 1).", "",
+             "seeds (ddof = 1)." + (" Precision and recall here use the classifier's 128-d penultimate features "
+                                    "(these evaluations predate the switch to its 2048-d convolutional features, "
+                                    "which keep noise out of the data manifold); FID and IS are unaffected."
+                                    if any("k" not in e for r in runs.values() for e in r.get("evals", {}).values())
+                                    else ""), "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
                 "rerunning the command resumes them.", ""] if set(asked) - set(seeds) and not partial else []),
@@ -735,6 +761,7 @@ def write_report(results: dict, out: Path) -> Path:
                          f"{fmt('fid')} | {fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
                          f"{np.mean(info[v]['time']):.0f} |")
     lines += loss_lines
+    lines += _step_time_lines(results, labels)
     lines += pair_lines(results, agg, labels)
     lines += routing_lines(results)
     lines += token_routing_lines(results, labels, out)

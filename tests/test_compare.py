@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from tests.helpers import run_cli
 
@@ -95,6 +96,7 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
     assert report.startswith("# DiT vs Switch-DiT:lambda_dp=0 vs TC-MoE vs EC-MoE on scikit-learn digits")
     assert "| Switch-DiT:lambda_dp=0 vs TC-MoE | 2 |" in report and "## Which experts each timestep reaches" in report
     assert "null (bits)" in report and "samples dropless through fixed per-expert buffers" in report
+    assert "penultimate" not in report and "Time per training step" not in report  # new features; not XS/4
     assert tc["sampling_gflops"] > 2 * tc["gflops"] and "sampling_gflops" not in res["runs"]["EC-MoE/seed0"]
     assert "mean_null_information_bits" in res["runs"]["TC-MoE/seed0"]["routing"]["expert_map"]
     assert (first / "routing_side_by_side.png").is_file() and (first / "TC-MoE_routing_map.png").is_file()
@@ -107,3 +109,17 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
     assert not (second / "runs" / "DiT_seed0" / "checkpoints").exists()  # taken over, not retrained
     assert "reused_from" not in res2["runs"]["TC-MoE:moe_aux_alpha=0.1/seed0"]  # another config: trained
     assert "Runs taken over from an earlier comparison" in (second / "report.md").read_text()
+
+
+def test_report_of_a_committed_comparison_names_its_features_and_step_times(tmp_path):
+    """Evaluations made before precision/recall moved to the convolutional features say so; the flow XS/4 report
+    takes time per step from the side-by-side benchmark, not from wall-clock train times."""
+    from switch_dit.compare import BENCH_MOE, write_report
+
+    res = json.loads(Path("docs/results/compare-flow/results.json").read_text())
+    write_report(res, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "Precision and recall here use the classifier's 128-d penultimate features" in report
+    bench = json.loads(BENCH_MOE.read_text())["steps"]
+    assert f"| Switch-DiT | {bench['ms']['Switch-DiT']:.1f} | {bench['ratio_to_dit']['Switch-DiT']:.2f} |" in report
+    assert "| DTR |" not in report.split("Time per training step")[1]  # not measured there: no row
