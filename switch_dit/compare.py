@@ -122,11 +122,12 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
                                   "results_dir": str(run_dir), "ckpt_every": eval_every, "keep_last": 1000,
                                   "sample_every": 0, "resume": "auto"})
 
-    for label, variant, options in specs:  # every variant's options checked before the first run trains
-        try:
-            run_config(label, variant, options, seeds[0])[1].validate()
-        except ValueError as e:
-            raise ValueError(f"variant {label!r}: {e}") from None
+    for seed in seeds:  # every variant's options and every seed checked before the first run trains
+        for label, variant, options in specs:
+            try:
+                run_config(label, variant, options, seed)[1].validate()
+            except ValueError as e:
+                raise ValueError(f"variant {label!r}, seed {seed}: {e}") from None
     for seed in seeds:
         for label, variant, options in specs:
             name = f"{variant}-{size}/{patch}"
@@ -585,14 +586,16 @@ def _step_time_lines(results: dict, labels: list[str], bench: Path = BENCH_MOE) 
     """Time per training step of the variants as bench_moe.py measured them side by side (its committed JSON),
     where its setting is this comparison's (XS/4, flow matching); wall-clock train times cannot compare speed."""
     cfg = results["config"]
-    if not bench.is_file() or (cfg.get("size"), cfg.get("patch"), cfg.get("objective")) != ("XS", 4, "flow"):
+    if not bench.is_file() or (cfg.get("size"), cfg.get("patch"), cfg.get("objective"), cfg.get("image_size"),
+                               cfg.get("global_batch_size")) != ("XS", 4, "flow", 16, 64):
         return []
     try:
         steps = json.loads(bench.read_text())["steps"]
-        ms, ratio = steps["ms"], steps["ratio_to_dit"]
+        ms, ratio = dict(steps["ms"]), dict(steps["ratio_to_dit"])
     except (ValueError, KeyError, TypeError):
         return []
-    rows = [f"| {v} | {ms[v]:.1f} | {ratio[v]:.2f} |" for v in labels if v in ms and v in ratio]
+    rows = [f"| {v} | {ms[v]:.1f} | {ratio[v]:.2f} |" for v in labels
+            if isinstance(ms.get(v), (int, float)) and isinstance(ratio.get(v), (int, float))]
     if not rows:
         return []
     return ["", f"Time per training step, measured side by side in one run by `benchmarks/bench_moe.py --steps` "
@@ -608,9 +611,12 @@ def _sampling_cost(runs: dict) -> str:
         if "sampling_gflops" not in r or label_of(r) in seen:
             continue
         seen.add(label_of(r))
+        cf = (r.get("options") or {}).get("moe_capacity_factor", Config.moe_capacity_factor)
+        training = ("training is dropless too and computes as much" if not cf else
+                    f"in training the capacity factor {cf:g} bounds the buffers at that multiple of the routed compute")
         parts.append(f"{label_of(r)} samples dropless through fixed per-expert buffers that hold every token, so a "
                      f"sampling forward computes {r['sampling_gflops']:.4f} GFLOPs, not its active {r['gflops']:.4f} "
-                     "(training, where the capacity bounds the buffers, runs at the active compute)")
+                     f"({training})")
     return (" " + "; ".join(parts) + ".") if parts else ""
 
 

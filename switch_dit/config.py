@@ -143,8 +143,7 @@ class Config:
                        (self.moe_scope in ("batch", "sample"), f"--moe-scope must be batch or sample, got {self.moe_scope!r}")]
             # an option the chosen routing ignores is a mistake, not a no-op (EC-MoE's capacity is moe_top_k)
             default = {f.name: f.default for f in dataclasses.fields(self)}
-            ignored = (("moe_capacity_factor", "moe_aux_alpha") if self.model.startswith("EC-MoE") else ("moe_scope",))
-            for name in ignored:
+            for name in ignored_options(self.model):
                 if getattr(self, name) != default[name]:
                     other = "TC-MoE" if self.model.startswith("EC-MoE") else "EC-MoE"
                     hint = (" (EC-MoE's capacity factor, the mean experts per token, is --moe-top-k)"
@@ -354,8 +353,25 @@ def resumed_run_config(args: argparse.Namespace) -> dict | None:
     return _checked_record(saved, path)
 
 
+def ignored_options(model) -> tuple:
+    """The options a model's routing ignores (refused when given; reset to their defaults in a recorded config)."""
+    if not isinstance(model, str):
+        return ()
+    if model.startswith("EC-MoE"):
+        return ("moe_capacity_factor", "moe_aux_alpha")
+    return ("moe_scope",) if model.startswith("TC-MoE") else ()
+
+
+def drop_ignored(values: dict) -> dict:
+    """A recorded config with the options its model ignores at their defaults: runs recorded before such options
+    were refused stay loadable and resumable (the options never changed their weights)."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    return {**values, **{k: defaults[k] for k in ignored_options(values.get("model")) if k in values}}
+
+
 def _checked_record(values: dict, source) -> dict:
     """A run's recorded options, valid, or a one-line error naming the file they come from."""
+    values = drop_ignored(values)
     known = {f.name for f in fields(Config)}
     try:
         Config(**{k: v for k, v in values.items() if k in known}).validate()
@@ -453,8 +469,9 @@ def _apply_model_spec(values: dict, given: dict) -> tuple[dict, dict]:
 
 
 def config_from_dict(d: dict) -> Config:
+    """A recorded config (a checkpoint's, an export's) as a Config; options its model ignores reset to defaults."""
     known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in known})
+    return Config(**{k: v for k, v in drop_ignored(d).items() if k in known})
 
 
 __all__ = ["Config", "PRESETS", "ARCH_FIELDS", "SAMPLERS", "add_config_arguments", "config_from_args",

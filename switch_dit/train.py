@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import ARCH_FIELDS, Config
+from .config import ARCH_FIELDS, Config, drop_ignored
 from .data import build_dataset
 from .diffusion import create_diffusion
 from .flow import FlowMatching
@@ -80,7 +80,7 @@ def check_compatible(saved: dict, cfg: Config, path) -> None:
     """A checkpoint of another model or architecture config gives a clear error naming the differences."""
     if saved.get("format") != ckpt.FORMAT:
         raise ckpt.CheckpointError(f"{path} is not a switch-dit training checkpoint (format {saved.get('format')!r})")
-    old = saved["config"]
+    old = drop_ignored(saved["config"])
     defaults = Config()  # fields newer than the checkpoint have their default value there
     diffs = [f"{k}: checkpoint {old.get(k, getattr(defaults, k))!r} vs now {getattr(cfg, k)!r}"
              for k in ARCH_FIELDS + ("image_size", "data") if old.get(k, getattr(defaults, k)) != getattr(cfg, k)]

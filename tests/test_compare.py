@@ -116,7 +116,7 @@ def test_report_of_a_committed_comparison_names_its_features_and_step_times(tmp_
     takes time per step from the side-by-side benchmark, not from wall-clock train times."""
     from switch_dit.compare import BENCH_MOE, write_report
 
-    res = json.loads(Path("docs/results/compare-flow/results.json").read_text())
+    res = json.loads((Path(__file__).resolve().parents[1] / "docs/results/compare-flow/results.json").read_text())
     write_report(res, tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "Precision and recall here use the classifier's 128-d penultimate features" in report

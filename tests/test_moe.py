@@ -34,6 +34,8 @@ def test_dispatch_equals_a_loop_over_experts_with_gradients(case, mode):
         moe.gate_weight.normal_(0, 1.0)  # decisive routing, so a wrong dispatch cannot hide in near-equal gates
     x = torch.randn(3, 16, 32, requires_grad=True)
     y, _ = moe(x)
+    if "over capacity" in case[0] and mode == "train":
+        assert moe.pop_stats()[2] > 0  # the case exercises dropping
     g = torch.randn_like(y)
     want = reference(moe, x)
     assert y.abs().mean() > 0.1
@@ -130,6 +132,24 @@ def test_active_parameters_and_flops_within_5_percent_of_dense_dit(size, variant
                                                     learn_sigma=False).parameters())
     assert total > 1.5 * active_parameters(moe)  # 8 experts of which 2 (+1 shared) act
     assert forward_gflops(moe.model, 32, 1) == pytest.approx(forward_gflops(dense.model, 32, 1), rel=0.05)
+
+
+def test_a_recorded_config_with_an_ignored_option_still_loads_and_resumes():
+    """Runs recorded before ignored options were refused: the options are reset to their defaults when read (they
+    never changed the weights), so loading, resuming and the compatibility check accept them."""
+    from dataclasses import asdict
+
+    from switch_dit.config import Config, _checked_record, config_from_dict
+    from switch_dit.train import check_compatible
+    from switch_dit.checkpoint import FORMAT
+
+    old = {**asdict(Config(model="EC-MoE-XS/4")), "moe_aux_alpha": 0.0, "moe_capacity_factor": 2.0}
+    cfg = config_from_dict(old).validate()
+    assert (cfg.moe_aux_alpha, cfg.moe_capacity_factor) == (0.01, 1.25)
+    assert _checked_record(old, "run/config.yaml")["moe_aux_alpha"] == 0.01
+    check_compatible({"format": FORMAT, "config": old}, Config(model="EC-MoE-XS/4"), "x.pt")
+    tc = {**asdict(Config(model="TC-MoE-XS/4")), "moe_scope": "sample"}
+    assert config_from_dict(tc).validate().moe_scope == "batch"
 
 
 def test_an_option_the_routing_ignores_is_refused():
