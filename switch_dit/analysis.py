@@ -215,8 +215,13 @@ def token_expert_map(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor
                      rounds: int = 16, seed: int = 0) -> np.ndarray:
     """(blocks, bins, E): the fraction of a timestep bin's tokens that each expert processes (token_expert_counts
     summed over its samples). With the defaults each bin holds 16 samples' tokens (256 at 16 tokens a sample)."""
-    counts = token_expert_counts(model, cfg, images, labels, num_bins, rounds, seed)
-    return (counts.sum(0) / (rounds * model.x_embedder.num_patches)).transpose(1, 0, 2)
+    return _fractions(token_expert_counts(model, cfg, images, labels, num_bins, rounds, seed),
+                       model.x_embedder.num_patches)
+
+
+def _fractions(counts: np.ndarray, tokens_per_sample: int) -> np.ndarray:
+    """token_expert_counts' (rounds, bins, blocks, E) -> (blocks, bins, E) fractions of each bin's tokens."""
+    return (counts.sum(0) / (counts.shape[0] * tokens_per_sample)).transpose(1, 0, 2)
 
 
 def routing_information(frac: np.ndarray) -> float:
@@ -320,7 +325,7 @@ def token_routing(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, n
                   rounds: int = 16, seed: int = 0) -> tuple[np.ndarray, dict]:
     """A token-routed model's (blocks, bins, E) map and its record with the permutation null."""
     counts = token_expert_counts(model, cfg, images, labels, num_bins, rounds, seed)
-    frac = (counts.sum(0) / (rounds * model.x_embedder.num_patches)).transpose(1, 0, 2)
+    frac = _fractions(counts, model.x_embedder.num_patches)
     return frac, token_routing_record(frac, model.mixtures[0].kind, permutation_null(counts, seed=seed))
 
 

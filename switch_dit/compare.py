@@ -132,8 +132,7 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
         for label, variant, options in specs:
             name = f"{variant}-{size}/{patch}"
             key = f"{label}/seed{seed}"
-            run_dir, cfg = run_config(label, variant, options, seed)
-            cfg.validate()
+            run_dir, cfg = run_config(label, variant, options, seed)  # validated above
             rec = results["runs"].get(key)
             if rec is None and reuse is not None:
                 rec = _reuse_run(Path(reuse), key, label, seed, cfg, results["config"], run_dir, reuse_check_steps)

@@ -111,7 +111,7 @@ class TokenChoiceMoE(TokenMixture):
     token slots (first choices before second choices, then token order); the slots over capacity are dropped
     (their gate's share of the output is zero, the token keeps the residual and the shared expert) and counted.
     In eval mode routing is dropless (C = tokens), so a sample's output does not depend on the rest of its batch;
-    the static buffers then compute E / k times the routed FLOPs (``sampling_flops_factor``).
+    the static buffers then compute E / k times the routed FLOPs (``forward_gflops(as_sampled=True)``).
     ``capacity_factor = 0`` is dropless in training too, as DiT-MoE."""
 
     kind = "token-choice"
@@ -129,12 +129,6 @@ class TokenChoiceMoE(TokenMixture):
         self.capacity_factor = capacity_factor
         self.aux_alpha = aux_alpha
         nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))  # nn.Linear's default, as DiT-MoE's gate
-
-    @property
-    def sampling_flops_factor(self) -> float:
-        """Routed FLOPs computed in eval mode over those of training's ideal (capacity 1): dropless static buffers
-        hold every token for every expert."""
-        return self.num_experts / self.top_k
 
     def capacity(self, num_tokens: int) -> int:
         if not self.training or self.capacity_factor <= 0:
