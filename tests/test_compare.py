@@ -123,3 +123,20 @@ def test_report_of_a_committed_comparison_names_its_features_and_step_times(tmp_
     bench = json.loads(BENCH_MOE.read_text())["steps"]
     assert f"| Switch-DiT | {bench['ms']['Switch-DiT']:.1f} | {bench['ratio_to_dit']['Switch-DiT']:.2f} |" in report
     assert "| DTR |" not in report.split("Time per training step")[1]  # not measured there: no row
+
+
+def test_step_times_from_a_malformed_or_foreign_benchmark_file_are_left_out(tmp_path):
+    """The report's step-time table reads a JSON file: garbage, a missing section, nulls or another setting give no
+    table (never a traceback or another setting's numbers)."""
+    from switch_dit.compare import _step_time_lines
+
+    res = {"config": {"size": "XS", "patch": 4, "objective": "flow", "image_size": 16, "global_batch_size": 64}}
+    bench = tmp_path / "bench.json"
+    good = {"steps": {"ms": {"DiT": 150.0, "TC-MoE": None}, "ratio_to_dit": {"DiT": 1.0, "TC-MoE": None}}}
+    for text in ("{not json", "[]", '{"steps": null}', '{"steps": {"ms": [1, 2]}}', json.dumps(good)):
+        bench.write_text(text)
+        lines = _step_time_lines(res, ["DiT", "TC-MoE"], bench)
+        assert lines == [] or ("| DiT | 150.0 | 1.00 |" in lines and not any("TC-MoE" in x for x in lines))
+    assert "| DiT | 150.0 | 1.00 |" in _step_time_lines(res, ["DiT"], bench)
+    other = {"config": {**res["config"], "image_size": 28}}
+    assert _step_time_lines(other, ["DiT"], bench) == []
