@@ -1,10 +1,11 @@
-"""Speed of the token-routed FFN mixtures, measured side by side (interleaved repetitions, medians).
+"""Speed of the token-routed FFN mixtures, measured side by side (interleaved repetitions; ratios are medians of
+the ratio within each repetition, with their quartiles).
 
     python benchmarks/bench_moe.py [--device cpu|cuda] [--reps 15] [--dim 384] [--out DIR]
 
 For batch 64 at 16 and at 256 tokens a sample: forward + backward of the dense FFN (D -> 4D -> D), of TC-MoE
-(token choice, 8 experts, top-2 + 1 shared, capacity factor 1.25: the training setting; and at capacity 1.0, the
-dispatch without padding) and EC-MoE (expert choice
+(token choice, 8 experts, top-2 + 1 shared, capacity factor 1.25: the training setting; eager, each expert on
+exactly its tokens, and with the fixed (E, capacity) buffers that torch.compile runs) and EC-MoE (expert choice
 over the batch, capacity factor 2 + 1 shared), all with the same active parameters per token, and of the
 straightforward per-expert loops the tests check them against. Prints ms and the ratios MoE / dense (target
 <= 1.3 on a CPU) and loop / MoE; ``--out`` writes bench_moe.{json,md}.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_switch import interleaved  # noqa: E402
+from bench_switch import interleaved_times, paired_ratio  # noqa: E402
 
 from switch_dit.models.layers import Mlp  # noqa: E402
 from switch_dit.models.moe import (ExpertChoiceMoE, TokenChoiceMoE, reference_expert_choice,  # noqa: E402
@@ -37,28 +39,46 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
     torch.manual_seed(0)
     dense = Mlp(dim, 4 * dim).to(device).train()
     tc = TokenChoiceMoE(dim, 8, 2, 1, capacity_factor=1.25).to(device).train()
-    tc1 = TokenChoiceMoE(dim, 8, 2, 1, capacity_factor=1.0).to(device).train()  # no padding: the dispatch alone
-    tc1.load_state_dict(tc.state_dict())
+    tc_static = TokenChoiceMoE(dim, 8, 2, 1, capacity_factor=1.25).to(device).train()
+    tc_static.load_state_dict(tc.state_dict())
+    tc_static.static_dispatch = True  # the compiled path's fixed buffers, run eagerly
     ec = ExpertChoiceMoE(dim, 8, 2.0, 1, scope="batch").to(device).train()
     x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
     grad = torch.randn(batch, tokens, dim, device=device)
     fns = {"dense FFN": _fwd_bwd(dense, x, grad),
            "TC-MoE": _fwd_bwd(lambda v: tc(v)[0], x, grad),
-           "TC-MoE (capacity 1.0)": _fwd_bwd(lambda v: tc1(v)[0], x, grad),
+           "TC-MoE static buffers": _fwd_bwd(lambda v: tc_static(v)[0], x, grad),
            "EC-MoE": _fwd_bwd(lambda v: ec(v)[0], x, grad),
            "TC-MoE loop": _fwd_bwd(lambda v: reference_token_choice(tc, v), x, grad),
            "EC-MoE loop": _fwd_bwd(lambda v: reference_expert_choice(ec, v), x, grad)}
-    r = interleaved(fns, reps, device)
+    times = interleaved_times(fns, reps, device)
+    r = {k: statistics.median(v) for k, v in times.items()}
     active = {k: sum(p.numel() for p in m.parameters()) for k, m in (("dense FFN", dense),)}
     per_expert = sum(p[0].numel() for p in tc.experts.parameters())
     moe_active = sum(p.numel() for p in tc.parameters()) - (tc.num_experts - tc.top_k) * per_expert
-    tc.pop_stats(), tc1.pop_stats()
+    tc.pop_stats(), tc_static.pop_stats()
+    with torch.no_grad():  # how unevenly the (untrained) router splits this batch: the busiest expert / the mean
+        counts = torch.bincount(tc.gate_probs(x.reshape(-1, dim)).topk(tc.top_k, dim=-1).indices.reshape(-1),
+                                minlength=tc.num_experts)
+    busiest = (counts.max() * tc.num_experts / counts.sum()).item()
     return {"batch": batch, "tokens": tokens, "dim": dim, "ms": {k: v * 1e3 for k, v in r.items()},
+            "tc_busiest_expert_over_mean": busiest,
             "active_params": {"dense FFN": active["dense FFN"], "MoE": moe_active},
-            "ratios": {"TC-MoE / dense": r["TC-MoE"] / r["dense FFN"], "EC-MoE / dense": r["EC-MoE"] / r["dense FFN"],
-                       "TC-MoE capacity 1.0 / dense": r["TC-MoE (capacity 1.0)"] / r["dense FFN"],
-                       "TC loop / TC-MoE": r["TC-MoE loop"] / r["TC-MoE"],
-                       "EC loop / EC-MoE": r["EC-MoE loop"] / r["EC-MoE"]}}
+            **_ratios(times, {"TC-MoE / dense": ("TC-MoE", "dense FFN"), "EC-MoE / dense": ("EC-MoE", "dense FFN"),
+                              "TC-MoE static buffers / dense": ("TC-MoE static buffers", "dense FFN"),
+                              "TC loop / TC-MoE": ("TC-MoE loop", "TC-MoE"),
+                              "EC loop / EC-MoE": ("EC-MoE loop", "EC-MoE")})}
+
+
+def _q(res: dict, name: str, key: str = "ratios") -> str:
+    lo, hi = res["ratio_quartiles"][name]
+    return f"{res[key][name]:.2f} ({lo:.2f}-{hi:.2f})"
+
+
+def _ratios(times: dict, pairs: dict) -> dict:
+    """Paired ratios (median over repetitions of the ratio within one repetition) and their quartiles."""
+    q = {name: paired_ratio(times, a, b) for name, (a, b) in pairs.items()}
+    return {"ratios": {k: v[0] for k, v in q.items()}, "ratio_quartiles": {k: [v[1], v[2]] for k, v in q.items()}}
 
 
 def bench_steps(device, reps: int, size: str = "XS", patch: int = 4, image: int = 16, batch: int = 64) -> dict:
@@ -84,9 +104,11 @@ def bench_steps(device, reps: int, size: str = "XS", patch: int = 4, image: int 
             loss.backward()
             o.step()
         fns[variant] = step
-    r = interleaved(fns, reps, device)
+    times = interleaved_times(fns, reps, device)
+    q = _ratios(times, {k: (k, "DiT") for k in times})
     return {"setting": f"{size}/{patch}, {image}x{image}x1, batch {batch}, flow matching, AdamW",
-            "ms": {k: v * 1e3 for k, v in r.items()}, "ratio_to_dit": {k: v / r["DiT"] for k, v in r.items()}}
+            "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "ratio_to_dit": q["ratios"],
+            "ratio_quartiles": q["ratio_quartiles"]}
 
 
 def main(argv=None) -> list[dict]:
@@ -110,28 +132,29 @@ def main(argv=None) -> list[dict]:
         ms, ra = res["ms"], res["ratios"]
         print(f"batch {args.batch} x {tokens} tokens, D={args.dim} (active params: dense {res['active_params']['dense FFN']:,}, "
               f"MoE {res['active_params']['MoE']:,}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
-        print("  " + ", ".join(f"{k} = {v:.2f}" for k, v in ra.items()) + "   (target: MoE / dense <= 1.3)")
+        print("  " + ", ".join(f"{k} = {_q(res, k)}" for k in ra) + "   (target: MoE / dense <= 1.3)")
     steps = None
     if args.steps:
         steps = bench_steps(device, args.reps)
         print(f"training step ({steps['setting']}): " + ", ".join(
-            f"{k} {v:.1f} ms ({steps['ratio_to_dit'][k]:.2f}x DiT)" for k, v in steps["ms"].items()))
+            f"{k} {v:.1f} ms ({_q(steps, k, 'ratio_to_dit')}x DiT)" for k, v in steps["ms"].items()))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_moe.json").write_text(json.dumps({"setup": head, "rows": rows, "steps": steps}, indent=1))
-        lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions.",
+        lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions; "
+                 "ratios: the median of the ratio within each repetition (quartiles in brackets).",
                  "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
-                 "| TC-MoE at capacity 1.0 / dense | TC loop / TC-MoE | EC loop / EC-MoE |", "|---" * 9 + "|"]
+                 "| TC-MoE static buffers / dense | TC loop / TC-MoE | EC loop / EC-MoE |", "|---" * 9 + "|"]
         for r in rows:
             ms, ra = r["ms"], r["ratios"]
             lines.append(f"| {r['batch']} x {r['tokens']} | {ms['dense FFN']:.1f} | {ms['TC-MoE']:.1f} | "
-                         f"{ms['EC-MoE']:.1f} | {ra['TC-MoE / dense']:.2f} | {ra['EC-MoE / dense']:.2f} | "
-                         f"{ra['TC-MoE capacity 1.0 / dense']:.2f} | "
-                         f"{ra['TC loop / TC-MoE']:.2f} | {ra['EC loop / EC-MoE']:.2f} |")
+                         f"{ms['EC-MoE']:.1f} | {_q(r, 'TC-MoE / dense')} | {_q(r, 'EC-MoE / dense')} | "
+                         f"{_q(r, 'TC-MoE static buffers / dense')} | "
+                         f"{_q(r, 'TC loop / TC-MoE')} | {_q(r, 'EC loop / EC-MoE')} |")
         if steps:
             lines += ["", f"Whole training steps ({steps['setting']}):", "", "| model | ms / step | / DiT |",
-                      "|---|---|---|"] + [f"| {k} | {v:.1f} | {steps['ratio_to_dit'][k]:.2f} |"
+                      "|---|---|---|"] + [f"| {k} | {v:.1f} | {_q(steps, k, 'ratio_to_dit')} |"
                                           for k, v in steps["ms"].items()]
         (out / "bench_moe.md").write_text("\n".join(lines) + "\n")
     return rows

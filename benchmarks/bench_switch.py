@@ -26,6 +26,21 @@ def _sync(device):
 
 def interleaved(fns: dict, reps: int, device, warmup: int = 2) -> dict:
     """Median seconds of each callable, run in turn within each repetition so drift hits all alike."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, device, warmup).items()}
+
+
+def paired_ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:
+    """Median and quartiles over repetitions of a's time / b's time in the same repetition: slow drift of a shared
+    machine cancels in each pair, and the quartiles show what is left of the noise."""
+    r = [x / y for x, y in zip(times[a], times[b])]
+    if len(r) < 2:
+        return r[0], r[0], r[0]
+    q1, med, q3 = statistics.quantiles(r, n=4)
+    return med, q1, q3
+
+
+def interleaved_times(fns: dict, reps: int, device, warmup: int = 2) -> dict:
+    """Seconds of each callable in each repetition, run in turn within a repetition."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -37,7 +52,7 @@ def interleaved(fns: dict, reps: int, device, warmup: int = 2) -> dict:
             f()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def bench_smoe(device, reps):

@@ -194,8 +194,30 @@ def moe_table() -> str:
     return "\n".join(lines)
 
 
+def bench_moe_table() -> str:
+    d = json.loads((ROOT / "benchmarks" / "results" / "bench_moe.json").read_text())
+    lines = ["| batch x tokens | TC-MoE / dense FFN | TC-MoE static buffers / dense | EC-MoE / dense FFN | target | "
+             "TC-MoE's busiest expert / mean |", "|---|---|---|---|---|---|"]
+    def cell(res, name, key="ratios"):
+        lo, hi = res["ratio_quartiles"][name]
+        return f"{res[key][name]:.2f} ({lo:.2f}-{hi:.2f})"
+
+    for r in d["rows"]:
+        lines.append(f"| {r['batch']} x {r['tokens']} | {cell(r, 'TC-MoE / dense')} | "
+                     f"{cell(r, 'TC-MoE static buffers / dense')} | {cell(r, 'EC-MoE / dense')} | <= 1.3 | "
+                     f"{r['tc_busiest_expert_over_mean']:.2f} |")
+    lines += ["", "Each cell: the median over repetitions of the time ratio within one repetition (quartiles in "
+              "brackets)."]
+    steps = d.get("steps")
+    if steps:
+        lines[-1] += (f" Whole training steps ({steps['setting']}): " +
+                      ", ".join(f"{k} {cell(steps, k, 'ratio_to_dit')}x DiT" for k in steps["ratio_to_dit"]
+                                if k != "DiT") + ".")
+    return "\n".join(lines)
+
+
 BLOCKS = {"compare-table": compare_table, "compare-facts": compare_facts, "sampler-table": sampler_table,
-          "pretrained-table": pretrained_table, "moe-table": moe_table}
+          "pretrained-table": pretrained_table, "moe-table": moe_table, "bench-moe": bench_moe_table}
 
 
 def render(readme: str) -> str:

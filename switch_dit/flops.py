@@ -5,16 +5,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: int = 10, as_sampled: bool = False,
+def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: int = 10, compiled_sampling: bool = False,
                    **options) -> float:
     """Multiply-accumulates / 1e9 of model(x, t, y) for one sample at one timestep.
 
     DiT and Switch-DiT report "GFLOPs" as multiply-accumulates (fvcore's convention: DiT-XL/2 = 118.6),
     so this counts MACs (torch's FLOP count / 2). Switch-DiT here runs the merged experts: one D x D
     matmul per token and block, fewer than routing each token through k experts. Token-routed mixtures count
-    their active experts (top-k / capacity factor per token on average); ``as_sampled`` counts what sampling
-    computes instead (token choice in eval mode is dropless: its static buffers run every token through every
-    expert's slot, E / k times the active routed FLOPs)."""
+    their active experts (top-k / capacity factor per token on average), which is what an eager forward computes
+    (token choice applies each expert to exactly its tokens, or pads small groups by at most a quarter of the
+    routed slots; see models/moe.py). ``compiled_sampling`` counts what a sampling forward
+    computes under torch.compile instead: token choice's static-shape path is dropless in eval mode through fixed
+    buffers that run every token through every expert's slot, E / k times the active routed FLOPs."""
     from .models import create_model
 
     with torch.device("meta"):
@@ -25,7 +27,7 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
         y = torch.zeros(1, dtype=torch.long)
     model.to("meta")  # buffers made from numpy (positions, tables) too
     for m in model.mixtures:  # token choice at its active compute: each expert holds exactly its balanced share
-        if hasattr(m, "top_k") and not as_sampled:
+        if hasattr(m, "top_k") and not compiled_sampling:
             model.train()
             m.capacity_factor = 1.0
     with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors

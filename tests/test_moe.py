@@ -13,8 +13,17 @@ def _grads(module, x, y, g):
     return torch.autograd.grad((y * g).sum(), [x, *module.parameters()])
 
 
+def _static(moe):
+    moe.static_dispatch = True  # the fixed-buffer dispatch torch.compile traces, run eagerly
+    return moe
+
+
 CASES = [
     ("token choice, dropless", lambda: TokenChoiceMoE(32, 8, 2, 1, capacity_factor=0), reference_token_choice),
+    ("token choice, dropless, static buffers", lambda: _static(TokenChoiceMoE(32, 8, 2, 1, capacity_factor=0)),
+     reference_token_choice),
+    ("token choice, over capacity in training, static buffers",
+     lambda: _static(TokenChoiceMoE(32, 8, 2, 1, capacity_factor=1.0)), reference_token_choice),
     ("token choice, capacity never reached", lambda: TokenChoiceMoE(32, 6, 3, 2, capacity_factor=2.0),
      reference_token_choice),
     ("token choice, over capacity in training", lambda: TokenChoiceMoE(32, 8, 2, 1, capacity_factor=1.0),
@@ -44,9 +53,11 @@ def test_dispatch_equals_a_loop_over_experts_with_gradients(case, mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_token_choice_over_capacity_drops_second_choices_first_and_counts_them():
+@pytest.mark.parametrize("static", [False, True], ids=["exact", "static buffers"])
+def test_token_choice_over_capacity_drops_second_choices_first_and_counts_them(static):
     torch.manual_seed(0)
     moe = TokenChoiceMoE(8, 4, 2, 0, capacity_factor=1.0).train()
+    moe.static_dispatch = static
     with torch.no_grad():
         moe.gate_weight.zero_()
         # tokens 0-3 (feature 0): first choice expert 1, second expert 0; tokens 4-7 (feature 1): first choice
@@ -74,6 +85,91 @@ def test_token_choice_over_capacity_drops_second_choices_first_and_counts_them()
         y_eval, _ = moe.eval()(x)
     assert moe.pop_stats().tolist() == [8, 16, 0, 0]
     assert not torch.allclose(y_eval[0, :4], y[0, :4]) and torch.allclose(y_eval[0, 4:], y[0, 4:])
+
+
+def _expert_slots_computed(moe, x):
+    """Token slots the routed experts computed in one forward, from torch's FLOP count (each: two D x H matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T, D, H, E = x.shape[0] * x.shape[1], x.shape[2], moe.expert_hidden, moe.num_experts
+    with FlopCounterMode(display=False) as counter:
+        moe(x.detach())
+    fixed = 2 * T * D * E + 2 * (2 * T * D * H)  # FLOPs (2 per multiply-accumulate) of the gate and shared expert
+    slots, rest = divmod(counter.get_total_flops() - fixed, 2 * (2 * D * H))
+    assert rest == 0
+    return slots
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("eager", ["loop", "buffers"])
+def test_the_token_choice_dispatches_agree_and_the_eager_ones_compute_what_they_say(mode, eager, monkeypatch):
+    """Eager dispatch (a loop over experts on exactly their kept slots, or buffers as long as the busiest expert's
+    group) and the fixed buffers torch.compile runs give the same outputs, gradients, counters and recorded
+    assignment, also with drops and with an expert no token chooses. The loop computes the routed slots and no
+    more, the eager buffers E x the busiest expert's slots, the fixed ones E x the capacity (dropless in eval:
+    every token for every expert)."""
+    from switch_dit.models import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "LOOP_ROWS", 0 if eager == "loop" else 10 ** 9)
+    monkeypatch.setattr(moe_module, "PAD_LIMIT", float("inf"))
+    torch.manual_seed(0)
+    D, E, k, T = 32, 8, 2, 48
+    exact = getattr(TokenChoiceMoE(D, E, k, 1, capacity_factor=1.0), mode)()
+    static = _static(getattr(TokenChoiceMoE(D, E, k, 1, capacity_factor=1.0), mode)())
+    with torch.no_grad():
+        exact.gate_weight.normal_(0, 1.0)
+        exact.gate_weight[3] = -1e3  # expert 3: chosen by no token (x > 0 below)
+    static.load_state_dict(exact.state_dict())
+    x = torch.rand(3, T // 3, D, requires_grad=True)
+    g = torch.randn(3, T // 3, D)
+    exact.record = static.record = True
+    outs = [m(x)[0] for m in (exact, static)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    grads = [_grads(exact, x, outs[0], g), _grads(static, x, outs[1], g)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert grads[0][2][3].abs().sum() == 0 and grads[0][2].abs().sum() > 0  # w1: expert 3's gradient is zero
+    stats = [m.pop_stats() for m in (exact, static)]
+    assert torch.equal(stats[0], stats[1]) and (stats[0][2] > 0) == (mode == "train")  # drops in training only
+    assert torch.equal(exact.last_assign, static.last_assign) and exact.last_assign[:, 3].sum() == 0
+
+    per_expert = exact.last_assign.sum(0)  # kept slots of each expert
+    assert _expert_slots_computed(static, x) == E * exact.capacity(T)
+    want = per_expert.sum() if eager == "loop" else E * per_expert.max()
+    assert _expert_slots_computed(exact, x) == want <= E * exact.capacity(T)
+    assert want < E * exact.capacity(T) or (eager == "buffers" and mode == "train")  # (an expert full at capacity)
+
+
+def test_eager_token_choice_pads_small_balanced_groups_and_loops_otherwise():
+    """The automatic choice: buffers as long as the busiest group while groups are small and that pads at most
+    PAD_LIMIT, otherwise the loop over exactly the routed slots."""
+    from switch_dit.models.moe import LOOP_ROWS, PAD_LIMIT
+
+    torch.manual_seed(0)
+    D, E = 16, 8
+    moe = TokenChoiceMoE(D, E, 2, 1).eval()  # dropless
+    # token t's first choice is expert t % 8, its second (t + 1) % 8: 32 slots each, but token 0's second is expert 2
+    x = 0.01 * torch.randn(2, 64, D)
+    tokens = x.view(-1, D)
+    for t in range(tokens.shape[0]):
+        tokens[t, t % E], tokens[t, (t + 1) % E] = 2.0, 1.0
+    tokens[0, 1], tokens[0, 2] = 0.0, 1.0
+    with torch.no_grad():
+        moe.gate_weight.zero_()
+        moe.gate_weight[:, :E] = 3.0 * torch.eye(E)
+    moe.record = True
+    moe(x)
+    groups = moe.last_assign.sum(0)
+    assert E * groups.max() <= PAD_LIMIT * groups.sum() and groups.sum() < LOOP_ROWS * E
+    assert _expert_slots_computed(moe, x) == E * groups.max() > groups.sum()
+    with torch.no_grad():
+        moe.gate_weight[0, :E] = 10.0  # every token's first choice: expert 0
+    moe(x)
+    groups = moe.last_assign.sum(0)
+    assert E * groups.max() > PAD_LIMIT * groups.sum()
+    assert _expert_slots_computed(moe, x) == groups.sum()
+    big = torch.randn(1, LOOP_ROWS * E // 2, D)  # k = 2: LOOP_ROWS slots per expert on average
+    assert _expert_slots_computed(moe, big) == 2 * big.shape[1]
 
 
 def test_load_balancing_loss_equals_its_formula_and_trains_the_gate():
@@ -165,18 +261,31 @@ def test_an_option_the_routing_ignores_is_refused():
 
 
 def test_token_choice_sampling_flops_are_counted_as_computed():
-    """Token choice samples dropless through buffers that hold every token for every expert: E / k times the
-    routed FFN FLOPs of training; the other variants sample at their active compute."""
+    """An eager sampling forward of token choice computes its active FLOPs (each expert on exactly its tokens);
+    compiled, it samples dropless through fixed buffers that hold every token for every expert: E / k times the
+    routed FFN FLOPs. The other variants sample at their active compute either way."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
     from switch_dit.flops import forward_gflops
 
     dit = forward_gflops("DiT-XS/4", 16, 1, 10)
-    tc, tc_sampled = forward_gflops("TC-MoE-XS/4", 16, 1, 10), forward_gflops("TC-MoE-XS/4", 16, 1, 10, as_sampled=True)
+    tc = forward_gflops("TC-MoE-XS/4", 16, 1, 10)
+    model = create_model("TC-MoE-XS/4", input_size=16, in_channels=1, num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.mixtures:
+            m.gate_weight.normal_(0, 1.0)  # unbalanced routing: the count must not depend on the balance
+        # attention's math backend, as on 'meta': the counter has no formula for the CPU flash kernel
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            model(torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 990]), torch.tensor([0, 1, 2]))
+    assert counter.get_total_flops() / 2 / 1e9 / 3 == pytest.approx(tc, rel=1e-9)
+    tc_sampled = forward_gflops("TC-MoE-XS/4", 16, 1, 10, compiled_sampling=True)
     assert abs(tc / dit - 1) < 0.05 and tc_sampled > 2 * dit
     ffn = 16 * 192 * 768 * 2 * 6 / 1e9  # the dense FFNs' MACs: 16 tokens, D = 192 to 4D and back, 6 blocks
     routed = ffn * 2 / 3  # k = 2 of (k + 1 shared) fine-grained experts' share of the active FFN
     assert tc_sampled - tc == pytest.approx(routed * (8 / 2 - 1), rel=0.03)
     for name in ("EC-MoE-XS/4", "Switch-DiT-XS/4", "DiT-XS/4"):
-        assert forward_gflops(name, 16, 1, 10, as_sampled=True) == forward_gflops(name, 16, 1, 10)
+        assert forward_gflops(name, 16, 1, 10, compiled_sampling=True) == forward_gflops(name, 16, 1, 10)
 
 
 def test_options_are_checked():

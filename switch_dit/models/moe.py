@@ -7,8 +7,13 @@ capacity factor for expert choice, on average) and s the number of always-on sha
 parameters per token are those of the dense FFN (plus the gate's D x E), and the three variants differ only in
 how tokens reach their FFN weights.
 
-Dispatch has static shapes (one sort, fixed-size per-expert buffers, two batched matmuls), so the forward
-compiles into one graph: no loop over tokens, no host sync.
+Dispatch sorts the token slots by expert once and applies the experts as matmuls, never a loop over tokens. Expert
+choice and token choice under torch.compile use static shapes (fixed-size per-expert buffers, two batched
+matmuls), so the forward compiles into one graph without a host sync. Token choice run eagerly reads its E
+expert counts on the host (one sync per block) and computes what the tokens need: a loop applying each expert to
+exactly its tokens, as DiT-MoE's, or, for small groups, one batched matmul over buffers as long as the busiest
+expert's group when that pads by at most a quarter. The fixed buffers compute the capacity instead (1.25x in
+training; in dropless sampling every token for every expert, E / k times the routed FLOPs).
 
 A mixture's forward returns ``(y, aux)``: the output and its auxiliary loss (token choice: DeepSeek-MoE's and
 DiT-MoE's load-balancing loss, counted over all k choices; expert choice: None, balanced by construction). Counters of routed and dropped token
@@ -28,6 +33,13 @@ from .layers import Mlp
 def expert_hidden_size(hidden_size: int, mlp_ratio: float, active: float, num_shared: int) -> int:
     """Hidden width of one fine-grained expert: the dense FFN's width split over the active experts."""
     return max(1, round(hidden_size * mlp_ratio / (active + num_shared)))
+
+
+# Eager token choice applies each expert to exactly its slots (a loop over experts) unless the experts' groups are
+# small (fewer than LOOP_ROWS slots on average), where one batched matmul over buffers as long as the busiest
+# expert's group is faster on a CPU (bench_moe), as long as those buffers hold at most PAD_LIMIT x the routed slots.
+LOOP_ROWS = 1024
+PAD_LIMIT = 1.25
 
 
 def _count(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -52,6 +64,17 @@ class Experts(nn.Module):
         dt = x.dtype  # under autocast the bmm's run in low precision; the buffers keep their dtype
         h = torch.baddbmm(self.b1.to(dt).unsqueeze(1), x, self.w1.to(dt))
         return torch.baddbmm(self.b2.to(dt).unsqueeze(1), F.gelu(h, approximate="tanh"), self.w2.to(dt))
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The experts on rows (N, D) sorted by expert, counts[e] rows for expert e: each expert computes exactly
+        its rows (no padding; the eager dispatch). split/unbind, not x[a:b]/w[e]: their backward passes build each
+        gradient once (one cat, one stack), not one zero-filled full-size gradient per expert."""
+        dt, outs = x.dtype, []
+        for xe, w1, b1, w2, b2 in zip(x.split(counts), self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0),
+                                      self.b2.unbind(0)):
+            h = F.gelu(torch.addmm(b1.to(dt), xe, w1.to(dt)), approximate="tanh")
+            outs.append(torch.addmm(b2.to(dt), h, w2.to(dt)))
+        return torch.cat(outs)
 
     def reference(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e on tokens (n, D), written plainly (tests and the benchmark's loop reference)."""
@@ -110,9 +133,14 @@ class TokenChoiceMoE(TokenMixture):
     expert's buffer: in training each expert holds at most C = ceil(capacity_factor * k * tokens / E) of the batch's
     token slots (first choices before second choices, then token order); the slots over capacity are dropped
     (their gate's share of the output is zero, the token keeps the residual and the shared expert) and counted.
-    In eval mode routing is dropless (C = tokens), so a sample's output does not depend on the rest of its batch;
-    the static buffers then compute E / k times the routed FLOPs (``forward_gflops(as_sampled=True)``).
-    ``capacity_factor = 0`` is dropless in training too, as DiT-MoE."""
+    In eval mode routing is dropless (C = tokens), so a sample's output does not depend on the rest of its batch.
+    ``capacity_factor = 0`` is dropless in training too, as DiT-MoE.
+
+    Eagerly the kept counts are read on the host (one sync per block) and the experts compute their kept slots
+    (a loop over experts), or, for groups below LOOP_ROWS slots, buffers as long as the busiest group (at most
+    PAD_LIMIT x the kept slots); under torch.compile, or with ``static_dispatch = True``, fixed (E, C) buffers
+    (static shapes, no host sync) compute C slots per expert, in dropless sampling E / k times the routed FLOPs
+    (``forward_gflops(compiled_sampling=True)``). All give the same outputs and gradients to float rounding."""
 
     kind = "token-choice"
 
@@ -127,6 +155,8 @@ class TokenChoiceMoE(TokenMixture):
         super().__init__(hidden_size, num_experts, top_k, num_shared, mlp_ratio)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        # True: always the fixed-buffer dispatch (the one torch.compile and FLOP counting on 'meta' use)
+        self.static_dispatch = False
         self.aux_alpha = aux_alpha
         nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))  # nn.Linear's default, as DiT-MoE's gate
 
@@ -146,33 +176,69 @@ class TokenChoiceMoE(TokenMixture):
         expert = choice.t().reshape(-1)  # (k*T,)
         order = torch.argsort(expert, stable=True)  # the one sort: slots grouped by expert, priority kept
         counts = _count(expert, E)
-        first = counts.cumsum(0) - counts  # where each expert's group starts in the sorted order
-        pos_sorted = torch.arange(k * T, device=x.device) - first[expert[order]]
-        pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)  # queue position of each slot
-        keep = pos < C
-        dest = torch.where(keep, expert * C + pos, E * C)  # E*C: a dump row for dropped slots
-        token = torch.arange(T, device=x.device).repeat(k)
-        # buffer place -> its token (empty places point at the last token: their gate weight below is 0, so neither
-        # their output nor any gradient through them counts)
-        src = torch.full((E * C + 1,), T - 1, dtype=torch.long, device=x.device).scatter_(0, dest, token)[:-1]
-        w = (gates.t().reshape(-1) * keep).to(x.dtype)
-        w_buf = torch.zeros(E * C + 1, dtype=w.dtype, device=x.device).scatter(0, dest, w)[:-1]
-        # index_select/index_add, not x[index]: their backward passes are deterministic on CPU (advanced indexing's
-        # is not); each token receives its k weighted expert outputs by one index_add
-        out = self.experts(xt.index_select(0, src).view(E, C, D)).reshape(E * C, D)
-        y = torch.zeros_like(xt).index_add(0, src, out * w_buf[:, None])
+        static = self.static_dispatch or torch.compiler.is_compiling() or x.device.type == "meta"
+        kept = None if static else counts.clamp(max=C).tolist()  # eager: one host read of the E kept counts
+        loop = kept is not None and (sum(kept) >= LOOP_ROWS * E or E * max(kept) > PAD_LIMIT * sum(kept))
+        pos = keep = None  # keep None: no slot dropped
+        if kept is None or not loop or sum(kept) < k * T:
+            first = counts.cumsum(0) - counts  # where each expert's group starts in the sorted order
+            pos_sorted = torch.arange(k * T, device=x.device) - first[expert[order]]
+            pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)  # queue position of each slot
+            if kept is None or sum(kept) < k * T:
+                keep = pos < C
+        if loop:
+            y = self._dispatch_exact(xt, gates, order, keep, kept)
+        else:
+            y = self._dispatch_buffers(xt, gates, expert, keep, pos, C if kept is None else max(kept))
         aux = None
         if self.training and self.aux_alpha > 0:
             f = counts.float() * (E / (k * T))  # every chosen slot counts, dropped or not (DiT-MoE has no drops)
             aux = self.aux_alpha * (f * probs.mean(0)).sum()
         with torch.no_grad():
-            dropped = (~keep).sum().float()
             # python numbers enter as kernel scalars: no host-to-device copy (which would sync a CUDA stream)
-            self.stats += torch.stack([torch.full_like(dropped, T), k * T - dropped, dropped,
-                                       (~keep.view(k, T)).all(0).sum().float()])
+            if keep is None:
+                self.stats[0] += T
+                self.stats[1] += k * T
+            else:
+                dropped = (~keep).sum().float()
+                self.stats += torch.stack([torch.full_like(dropped, T), k * T - dropped, dropped,
+                                           (~keep.view(k, T)).all(0).sum().float()])
             if self.record:
-                self.last_assign = (F.one_hot(choice, E).float() * keep.view(k, T).t()[..., None].float()).sum(1)
+                assign = F.one_hot(choice, E).float()
+                if keep is not None:
+                    assign = assign * keep.view(k, T).t()[..., None].float()
+                self.last_assign = assign.sum(1)
         return self._finish(xt, y).view(B, L, D), aux
+
+    def _dispatch_buffers(self, xt, gates, expert, keep, pos, C):
+        """(E, C) buffers, one per expert, and two batched matmuls. C is the capacity under torch.compile (static
+        shapes, no host sync; it computes C slots per expert however many arrive) and the busiest expert's kept
+        count in eager mode. keep None: no slot dropped."""
+        (T, D), E = xt.shape, self.num_experts
+        w = gates.t().reshape(-1).to(xt.dtype)
+        dest = expert * C + pos
+        if keep is not None:
+            dest = torch.where(keep, dest, E * C)  # E*C: a dump row for dropped slots
+            w = w * keep
+        token = torch.arange(T, device=xt.device).repeat(self.top_k)
+        # buffer place -> its token (empty places point at the last token: their gate weight below is 0, so neither
+        # their output nor any gradient through them counts)
+        src = torch.full((E * C + 1,), T - 1, dtype=torch.long, device=xt.device).scatter_(0, dest, token)[:-1]
+        w_buf = torch.zeros(E * C + 1, dtype=w.dtype, device=xt.device).scatter(0, dest, w)[:-1]
+        # index_select/index_add, not x[index]: their backward passes are deterministic on CPU (advanced indexing's
+        # is not); each token receives its k weighted expert outputs by one index_add
+        out = self.experts(xt.index_select(0, src).view(E, C, D)).reshape(E * C, D)
+        return torch.zeros_like(xt).index_add(0, src, out * w_buf[:, None])
+
+    def _dispatch_exact(self, xt, gates, order, keep, kept):
+        """The kept slots sorted by expert, each expert applied to exactly its kept[e] slots (a loop over experts,
+        as DiT-MoE's): the routed FLOPs and no more."""
+        T = xt.shape[0]
+        slots = order if keep is None else order[keep.index_select(0, order)]  # each group's first slots are kept
+        token = slots % T  # slot j * T + t is token t's (j+1)-th choice
+        w = gates.t().reshape(-1).index_select(0, slots).to(xt.dtype)
+        out = self.experts.grouped(xt.index_select(0, token), kept)
+        return torch.zeros_like(xt).index_add(0, token, out * w[:, None])
 
 
 class ExpertChoiceMoE(TokenMixture):
@@ -232,21 +298,18 @@ class ExpertChoiceMoE(TokenMixture):
 
 
 def reference_token_choice(moe: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
-    """Token choice written as a loop over token slots in priority order (every first choice in token order,
-    then every second choice, ...), each expert taking slots until its capacity is full."""
+    """Token choice written as a loop over experts: expert e lists the tokens choosing it in priority order (every
+    first choice in token order, then every second choice, ...), keeps the first C and adds its gate-weighted
+    output to them."""
     B, L, D = x.shape
     xt = x.reshape(-1, D)
-    T = xt.shape[0]
     gates, choice = moe.gate_probs(xt).topk(moe.top_k, dim=-1)
-    C = moe.capacity(T)
-    used = [0] * moe.num_experts
+    C = moe.capacity(xt.shape[0])
     y = torch.zeros_like(xt)
-    for j in range(moe.top_k):
-        for t in range(T):
-            e = int(choice[t, j])
-            if used[e] < C:
-                used[e] += 1
-                y[t] = y[t] + gates[t, j].to(x.dtype) * moe.experts.reference(xt[t:t + 1], e)[0]
+    for e in range(moe.num_experts):
+        rank, token = (choice.t() == e).nonzero(as_tuple=True)  # row-major: rank-major, then token order
+        rank, token = rank[:C], token[:C]
+        y = y.index_add(0, token, gates[token, rank, None].to(x.dtype) * moe.experts.reference(xt[token], e))
     return moe._finish(xt, y).view(B, L, D)
 
 
