@@ -35,7 +35,7 @@ def paired_ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:
     r = [x / y for x, y in zip(times[a], times[b])]
     if len(r) < 2:
         return r[0], r[0], r[0]
-    q1, med, q3 = statistics.quantiles(r, n=4)
+    q1, med, q3 = statistics.quantiles(r, n=4, method="inclusive")  # within the data, even for 2 reps
     return med, q1, q3
 
 

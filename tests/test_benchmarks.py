@@ -95,7 +95,7 @@ def test_bench_moe_runs_and_writes_its_table(tmp_path):
     rows = bench_moe.main(["--device", "cpu", "--reps", "1", "--dim", "32", "--batch", "4", "--tokens", "16", "--steps",
                            "--out", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["active_params"]["MoE"] > 0
-    assert set(rows[0]["ratios"]) == {"TC-MoE / dense", "EC-MoE / dense", "TC-MoE static buffers / dense",
+    assert set(rows[0]["ratios"]) == {"TC-MoE / dense", "EC-MoE / dense", "TC-MoE static buffers / dense", "TC-MoE loop dispatch / TC-MoE",
                                       "TC loop / TC-MoE", "EC loop / EC-MoE"}
     table = (tmp_path / "bench_moe.md").read_text()
     assert "| 4 x 16 |" in table and "| TC-MoE |" in table.split("Whole training steps")[1]

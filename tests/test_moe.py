@@ -147,29 +147,34 @@ def test_eager_token_choice_pads_small_balanced_groups_and_loops_otherwise():
 
     torch.manual_seed(0)
     D, E = 16, 8
+
+    def nearly_balanced(n):
+        """n tokens: token t's first choice is expert t % 8, its second (t + 1) % 8, but token 0's second is 2."""
+        x = 0.01 * torch.randn(1, n, D)
+        for t in range(n):
+            x[0, t, t % E], x[0, t, (t + 1) % E] = 2.0, 1.0
+        x[0, 0, 1], x[0, 0, 2] = 0.0, 1.0
+        return x
+
     moe = TokenChoiceMoE(D, E, 2, 1).eval()  # dropless
-    # token t's first choice is expert t % 8, its second (t + 1) % 8: 32 slots each, but token 0's second is expert 2
-    x = 0.01 * torch.randn(2, 64, D)
-    tokens = x.view(-1, D)
-    for t in range(tokens.shape[0]):
-        tokens[t, t % E], tokens[t, (t + 1) % E] = 2.0, 1.0
-    tokens[0, 1], tokens[0, 2] = 0.0, 1.0
     with torch.no_grad():
         moe.gate_weight.zero_()
         moe.gate_weight[:, :E] = 3.0 * torch.eye(E)
     moe.record = True
-    moe(x)
-    groups = moe.last_assign.sum(0)
-    assert E * groups.max() <= PAD_LIMIT * groups.sum() and groups.sum() < LOOP_ROWS * E
-    assert _expert_slots_computed(moe, x) == E * groups.max() > groups.sum()
+    for n, loop in ((128, False), (LOOP_ROWS * E // 2, True)):  # k = 2: 32, then LOOP_ROWS slots an expert
+        x = nearly_balanced(n)
+        moe(x)
+        groups = moe.last_assign.sum(0)
+        assert E * groups.max() <= PAD_LIMIT * groups.sum() and groups.max() > groups.min()  # padding is small
+        assert (groups.sum() >= LOOP_ROWS * E) == loop
+        assert _expert_slots_computed(moe, x) == (groups.sum() if loop else E * groups.max())
     with torch.no_grad():
         moe.gate_weight[0, :E] = 10.0  # every token's first choice: expert 0
+    x = nearly_balanced(128)
     moe(x)
     groups = moe.last_assign.sum(0)
-    assert E * groups.max() > PAD_LIMIT * groups.sum()
+    assert E * groups.max() > PAD_LIMIT * groups.sum()  # small groups, but too uneven to pad: the loop
     assert _expert_slots_computed(moe, x) == groups.sum()
-    big = torch.randn(1, LOOP_ROWS * E // 2, D)  # k = 2: LOOP_ROWS slots per expert on average
-    assert _expert_slots_computed(moe, big) == 2 * big.shape[1]
 
 
 def test_load_balancing_loss_equals_its_formula_and_trains_the_gate():

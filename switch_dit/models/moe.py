@@ -37,7 +37,8 @@ def expert_hidden_size(hidden_size: int, mlp_ratio: float, active: float, num_sh
 
 # Eager token choice applies each expert to exactly its slots (a loop over experts) unless the experts' groups are
 # small (fewer than LOOP_ROWS slots on average), where one batched matmul over buffers as long as the busiest
-# expert's group is faster on a CPU (bench_moe), as long as those buffers hold at most PAD_LIMIT x the routed slots.
+# expert's group is faster on a CPU (bench_moe's "loop dispatch" column), as long as those buffers hold at most
+# PAD_LIMIT x the routed slots.
 LOOP_ROWS = 1024
 PAD_LIMIT = 1.25
 
@@ -187,7 +188,7 @@ class TokenChoiceMoE(TokenMixture):
             if kept is None or sum(kept) < k * T:
                 keep = pos < C
         if loop:
-            y = self._dispatch_exact(xt, gates, order, keep, kept)
+            y = self._dispatch_exact(xt, gates, order, counts, C, kept)
         else:
             y = self._dispatch_buffers(xt, gates, expert, keep, pos, C if kept is None else max(kept))
         aux = None
@@ -230,11 +231,16 @@ class TokenChoiceMoE(TokenMixture):
         out = self.experts(xt.index_select(0, src).view(E, C, D)).reshape(E * C, D)
         return torch.zeros_like(xt).index_add(0, src, out * w_buf[:, None])
 
-    def _dispatch_exact(self, xt, gates, order, keep, kept):
+    def _dispatch_exact(self, xt, gates, order, counts, C, kept):
         """The kept slots sorted by expert, each expert applied to exactly its kept[e] slots (a loop over experts,
         as DiT-MoE's): the routed FLOPs and no more."""
-        T = xt.shape[0]
-        slots = order if keep is None else order[keep.index_select(0, order)]  # each group's first slots are kept
+        T, total = xt.shape[0], sum(kept)
+        slots = order
+        if total < order.numel():  # drops: each expert's group keeps its first kept[e] slots, found without a sync
+            keep_n = counts.clamp(max=C)
+            skip = torch.repeat_interleave((counts.cumsum(0) - counts) - (keep_n.cumsum(0) - keep_n), keep_n,
+                                           output_size=total)
+            slots = order.index_select(0, torch.arange(total, device=xt.device) + skip)
         token = slots % T  # slot j * T + t is token t's (j+1)-th choice
         w = gates.t().reshape(-1).index_select(0, slots).to(xt.dtype)
         out = self.experts.grouped(xt.index_select(0, token), kept)
