@@ -175,7 +175,7 @@ def moe_table() -> str:
     lines = ["| variant | routing | params (M) | active (M) | GFLOPs | " +
              " | ".join(f"FID {s}" for s in steps) + " | I(t; expert) (bits) |", "|---" * (6 + len(steps)) + "|"]
     kinds = {"DiT": "none", "Switch-DiT": "timestep, prior", "Switch-DiT:lambda_dp=0": "timestep, no prior",
-             "TC-MoE": "token choice", "EC-MoE": "expert choice"}
+             "TC-MoE": "token choice", "EC-MoE": "expert choice", "DiffMoE": "expert choice, predicted capacity"}
     for v in labels:
         r = info[v]
         maps = [q["routing"]["expert_map"]["mean_timestep_information_bits"] for q in res["runs"].values()

@@ -158,7 +158,7 @@ def analyze(model: DiT, out_dir) -> dict:
     return summary
 
 
-# --- token-routed mixtures (TC-MoE, EC-MoE): which experts a timestep's tokens reach ---------------------------
+# --- token-routed mixtures (TC-MoE, EC-MoE, DiffMoE): which experts a timestep's tokens reach -----------------
 
 def _noised(cfg, x0: torch.Tensor, bins: torch.Tensor, num_bins: int, noise: torch.Tensor):
     """x_t and the model's time input for each sample's timestep bin (the bin's centre)."""
@@ -186,7 +186,7 @@ def token_expert_counts(model: DiT, cfg, images: torch.Tensor, labels: torch.Ten
     (expert choice)."""
     mixtures = model.mixtures
     if not mixtures:
-        raise ValueError("this model has no token-routed experts (TC-MoE or EC-MoE)")
+        raise ValueError("this model has no token-routed experts (TC-MoE, EC-MoE or DiffMoE)")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     per_sample = model.x_embedder.num_patches

@@ -336,7 +336,7 @@ def _analyze(args) -> int:
                                             cfg_overrides=config_from_args(args, validate=False))
     if model.prior is None and not model.mixtures:
         raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without learned routing: task-expert maps "
-                         "need a Switch-DiT, TC-MoE or EC-MoE model")
+                         "need a Switch-DiT, TC-MoE, EC-MoE or DiffMoE model")
     out = args.out or (_default_stem(args.ckpt) + "_analysis" if args.ckpt.startswith("pretrained:")
                        else str(Path(args.ckpt).parent.parent / "analysis"))
     if Path(out).exists() and not Path(out).is_dir():
@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and budget; report")
     p.add_argument("--out", default="results/compare", help="report folder (rerunning resumes)")
     p.add_argument("--variants", nargs="+", default=["DiT", "DTR", "Switch-DiT"], metavar="SPEC",
-                   help="variant specs NAME[:option=value,...], NAME one of DiT, DTR, Switch-DiT, TC-MoE, EC-MoE; "
+                   help="variant specs NAME[:option=value,...], NAME one of DiT, DTR, Switch-DiT, TC-MoE, EC-MoE, DiffMoE; "
                         "options are train options (e.g. Switch-DiT:lambda_dp=0 TC-MoE:moe_experts=16) "
                         "(default: DiT DTR Switch-DiT)")
     p.add_argument("--reuse", metavar="DIR", help="an earlier comparison whose finished runs with the same config and "

@@ -620,6 +620,11 @@ def _sampling_cost(runs: dict) -> str:
         if compiled is None or label_of(r) in seen:
             continue
         seen.add(label_of(r))
+        if r.get("model", "").startswith("DiffMoE"):
+            parts.append(f"{label_of(r)} samples with the experts its capacity predictor asks for (its GFLOPs count "
+                         f"the training capacity, {r['gflops']:.4f}); under --compile every expert computes every "
+                         f"token, {compiled:.4f} GFLOPs a forward")
+            continue
         cf = (r.get("options") or {}).get("moe_capacity_factor", Config.moe_capacity_factor)
         training = ("training is dropless too" if not cf else
                     f"in training the capacity factor {cf:g} bounds them at that multiple of the routed compute")

@@ -23,7 +23,7 @@ class Config:
     moe_top_k: int = 2  # TC-MoE: experts per token; EC-MoE: mean experts per token (capacity factor)
     moe_shared: int = 1  # always-on shared experts (fine-grained width, as the routed ones)
     moe_capacity_factor: float = 1.25  # TC-MoE in training: slots per expert over the balanced share (0 = dropless)
-    moe_aux_alpha: float = 0.01  # TC-MoE: load-balancing loss weight (DiT-MoE)
+    moe_aux_alpha: float = 0.01  # TC-MoE: load-balancing loss weight (DiT-MoE); DiffMoE: capacity-predictor loss
     moe_scope: str = "batch"  # EC-MoE: experts choose among the batch's tokens ("batch") or each sample's ("sample")
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
@@ -131,7 +131,7 @@ class Config:
                        (1 <= self.top_k <= self.num_experts,
                         f"--top-k={self.top_k} must be between 1 and --num-experts={self.num_experts}"),
                        (self.lambda_dp >= 0, f"--lambda-dp must be >= 0, got {self.lambda_dp}")]
-        if self.model.startswith(("TC-MoE", "EC-MoE")):
+        if self.model.startswith(("TC-MoE", "EC-MoE", "DiffMoE")):
             checks += [(self.moe_experts >= 1, f"--moe-experts must be >= 1, got {self.moe_experts}"),
                        (1 <= self.moe_top_k <= self.moe_experts,
                         f"--moe-top-k={self.moe_top_k} must be between 1 and --moe-experts={self.moe_experts}"),
@@ -145,9 +145,11 @@ class Config:
             default = {f.name: f.default for f in dataclasses.fields(self)}
             for name in ignored_options(self.model):
                 if getattr(self, name) != default[name]:
-                    other = "TC-MoE" if self.model.startswith("EC-MoE") else "EC-MoE"
-                    hint = (" (EC-MoE's capacity factor, the mean experts per token, is --moe-top-k)"
-                            if name == "moe_capacity_factor" else "")
+                    other = {"moe_capacity_factor": "TC-MoE", "moe_aux_alpha": "TC-MoE and DiffMoE",
+                             "moe_scope": "EC-MoE"}[name]
+                    hint = (f" ({self.model.split('-')[0]}'s capacity factor, the mean experts per token, is "
+                            "--moe-top-k)" if name == "moe_capacity_factor" else
+                            " (DiffMoE's pool is always the batch)" if self.model.startswith("DiffMoE") else "")
                     checks.append((False, f"--{name.replace('_', '-')} applies to {other} only; {self.model} ignores "
                                           f"it{hint}: leave it at its default {default[name]!r}"))
         for ok, msg in checks:
@@ -239,18 +241,19 @@ def _optional(typ):
 
 # One help line per option (every command shows them); CHOICES for the options with a fixed set of values.
 FIELD_HELP = {
-    "model": "VARIANT-SIZE/PATCH: VARIANT DiT, DTR, Switch-DiT, TC-MoE or EC-MoE; SIZE XS, Ti, S, B, L, XL; PATCH 2, 4 "
+    "model": "VARIANT-SIZE/PATCH: VARIANT DiT, DTR, Switch-DiT, TC-MoE, EC-MoE or DiffMoE; SIZE XS, Ti, S, B, L, XL; PATCH 2, 4 "
              "or 8; may carry options as NAME:option=value,... (e.g. Switch-DiT-S/2:lambda_dp=0)",
     "num_experts": "Switch-DiT: experts per block (M)", "top_k": "Switch-DiT: experts each timestep uses (k)",
     "lambda_dp": "Switch-DiT: weight of the diffusion prior loss (0 = gates without the prior)",
     "mask_form": "Switch-DiT: mask 1 + sum_j g_j E_j(z) (one_plus, the authors' code) or the paper's sum_j g_j E_j(z)",
     "prior_alpha": "Switch-DiT: the prior table's DTR alpha", "dtr_alpha": "DTR: window position exponent alpha",
     "dtr_beta": "DTR: fraction of channels active per task", "class_dropout_prob": "label dropout for guidance",
-    "moe_experts": "TC-MoE / EC-MoE: routed experts per block",
-    "moe_top_k": "TC-MoE: experts per token; EC-MoE: mean experts per token (its capacity factor)",
-    "moe_shared": "TC-MoE / EC-MoE: always-on shared experts",
+    "moe_experts": "TC-MoE / EC-MoE / DiffMoE: routed experts per block",
+    "moe_top_k": "TC-MoE: experts per token; EC-MoE, DiffMoE: mean experts per token (capacity factor)",
+    "moe_shared": "TC-MoE / EC-MoE / DiffMoE: always-on shared experts",
     "moe_capacity_factor": "TC-MoE in training: slots per expert over the balanced share (0 = dropless)",
-    "moe_aux_alpha": "TC-MoE: load-balancing loss weight", "moe_scope": "EC-MoE: experts choose among the batch's "
+    "moe_aux_alpha": "TC-MoE: load-balancing loss weight; DiffMoE: capacity-predictor loss weight",
+    "moe_scope": "EC-MoE: experts choose among the batch's "
     "tokens (batch) or each sample's (sample)",
     "learn_sigma": "predict the variance too (DDPM)", "grad_checkpointing": "recompute activations in backward",
     "data": "training data", "data_path": "its folder (fashion-mnist: the Debian package's by default)",
@@ -359,6 +362,8 @@ def ignored_options(model) -> tuple:
         return ()
     if model.startswith("EC-MoE"):
         return ("moe_capacity_factor", "moe_aux_alpha")
+    if model.startswith("DiffMoE"):
+        return ("moe_capacity_factor", "moe_scope")
     return ("moe_scope",) if model.startswith("TC-MoE") else ()
 
 

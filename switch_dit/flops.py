@@ -30,6 +30,8 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
         if hasattr(m, "top_k") and not compiled_sampling:
             model.train()
             m.capacity_factor = 1.0
+        if hasattr(m, "predictor") and not compiled_sampling:  # DiffMoE: its training capacity, as sampled on average
+            model.train()
     with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors
         model(x, t, y)
     return counter.get_total_flops() / 2 / 1e9

@@ -140,7 +140,8 @@ def infer_architecture(state: dict, path) -> dict:
         arch["family"] = "Switch-DiT"
         arch["num_experts"] = _shape(state, "blocks.0.router.expert_weight", 3, path)[0]
     elif any(k.endswith(".mlp.gate_weight") for k in state):
-        arch["family"] = "TC-MoE/EC-MoE"
+        # DiffMoE's capacity predictor sets it apart; TC-MoE's and EC-MoE's weights look alike
+        arch["family"] = "DiffMoE" if any(".mlp.predictor." in k for k in state) else "TC-MoE/EC-MoE"
         E, _, H = _shape(state, "blocks.0.mlp.experts.w1", 3, path)
         shared = state.get("blocks.0.mlp.shared.fc1.weight")
         s = 0 if shared is None else shared.shape[0] // H
@@ -149,7 +150,7 @@ def infer_architecture(state: dict, path) -> dict:
 
 
 _FAMILY = {"DiT": "DiT/DTR", "DTR": "DiT/DTR", "Switch-DiT": "Switch-DiT", "TC-MoE": "TC-MoE/EC-MoE",
-           "EC-MoE": "TC-MoE/EC-MoE"}
+           "EC-MoE": "TC-MoE/EC-MoE", "DiffMoE": "DiffMoE"}
 
 
 def _check_fits(cfg: Config, arch: dict, path) -> None:
@@ -162,8 +163,10 @@ def _check_fits(cfg: Config, arch: dict, path) -> None:
         where = f"{_size_name(arch)}/{arch['patch']}"
         fix = {"DiT/DTR": f"--model DiT-{where} (or DTR-{where})", "Switch-DiT": f"--model Switch-DiT-{where}",
                "TC-MoE/EC-MoE": f"--model TC-MoE-{where} or EC-MoE-{where} (their weights look alike: name the one "
-                                "that trained them, and its --moe-scope for EC-MoE)"}[arch["family"]]
-        guess = {"DiT/DTR": "DiT", "Switch-DiT": "Switch-DiT", "TC-MoE/EC-MoE": "token-routed"}[arch["family"]]
+                                "that trained them, and its --moe-scope for EC-MoE)",
+               "DiffMoE": f"--model DiffMoE-{where}"}[arch["family"]]
+        guess = {"DiT/DTR": "DiT", "Switch-DiT": "Switch-DiT", "TC-MoE/EC-MoE": "token-routed",
+                 "DiffMoE": "DiffMoE"}[arch["family"]]
         raise ckpt.CheckpointError(f"{path} holds a {guess} model, not {cfg.model}: pass {fix}")
     if (depth, hidden, patch) != (arch["depth"], arch["hidden"], arch["patch"]):
         raise ckpt.CheckpointError(f"{path} holds a model of depth {arch['depth']}, width {arch['hidden']}, patch "
@@ -187,7 +190,7 @@ def build_checked(cfg: Config, state: dict, path, num_classes: int | None = None
     arch = infer_architecture(state, path)
     _check_fits(cfg, arch, path)
     if num_classes is None:
-        if arch["family"] == "TC-MoE/EC-MoE":
+        if arch["family"] in ("TC-MoE/EC-MoE", "DiffMoE"):
             cfg.moe_experts, cfg.moe_shared, cfg.moe_top_k = arch["moe_experts"], arch["moe_shared"], arch["moe_top_k"]
         if arch["family"] == "Switch-DiT":
             cfg.num_experts = arch["num_experts"]
@@ -359,7 +362,8 @@ def _name_from_tensors(state: dict, path, variant: str) -> str:
     if arch["family"] == "TC-MoE/EC-MoE":
         raise ckpt.CheckpointError(f"{path} holds a token-routed model: pass --model TC-MoE-{size}/{arch['patch']} or "
                                    f"EC-MoE-{size}/{arch['patch']} (their weights look alike)")
-    family = "Switch-DiT" if arch["family"] == "Switch-DiT" else variant if variant == "DTR" else "DiT"
+    family = (arch["family"] if arch["family"] in ("Switch-DiT", "DiffMoE") else variant if variant == "DTR"
+              else "DiT")
     return f"{family}-{size}/{arch['patch']}"
 
 

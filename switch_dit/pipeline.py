@@ -128,7 +128,7 @@ class Pipeline:
                                                    num_bins=num_bins)
             return {"kind": self.model.mixtures[0].kind, "map": frac, "summary": summary}
         raise ValueError(f"{self.config.model} has no learned routing (DiT and DTR); routing maps need Switch-DiT, "
-                         "TC-MoE or EC-MoE")
+                         "TC-MoE, EC-MoE or DiffMoE")
 
     def save_pretrained(self, folder, **kwargs):
         from .loading import save_pretrained

@@ -55,6 +55,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):  # state the model learns outside its weights (DiffMoE's
+        e.copy_(b)  # thresholds) follows the model; the other buffers are constants
 
 
 def ema_decay_at(cfg: Config, step: int) -> float:
@@ -396,9 +398,12 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 means = (_mean_over_ranks(interval_sums) / steps_since).tolist()
                 interval_sums.zero_()
-                # the aux term is the diffusion prior's (Switch-DiT) or the load-balancing loss (TC-MoE)
-                balance = any(getattr(m, "aux_alpha", 0) > 0 for m in model.mixtures)  # token choice's loss
-                vals = dict(zip(("loss", "mse", "vb", "balance_loss" if balance else "prior_loss"), means))
+                # the aux term: the diffusion prior's (Switch-DiT), the load-balancing loss (TC-MoE) or the capacity
+                # predictor's (DiffMoE)
+                aux_name = "prior_loss"
+                if any(getattr(m, "aux_alpha", 0) > 0 for m in model.mixtures):
+                    aux_name = "predictor_loss" if hasattr(model.mixtures[0], "predictor") else "balance_loss"
+                vals = dict(zip(("loss", "mse", "vb", aux_name), means))
                 if model.mixtures:  # this process's routing counters over the interval (one host read per log)
                     tokens, computed, dropped, unrouted = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0).tolist()
                     vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)

@@ -9,7 +9,8 @@ def _inputs():
     return torch.randn(4, 1, 8, 8), torch.tensor([3, 250, 600, 999]), torch.tensor([0, 1, 2, 3])
 
 
-@pytest.mark.parametrize("name", ["DiT-XS/4", "DTR-XS/4", "Switch-DiT-XS/4", "TC-MoE-XS/4", "EC-MoE-XS/4"])
+@pytest.mark.parametrize("name", ["DiT-XS/4", "DTR-XS/4", "Switch-DiT-XS/4", "TC-MoE-XS/4", "EC-MoE-XS/4",
+                                  "DiffMoE-XS/4"])
 def test_forward_has_no_graph_break(name):
     torch._dynamo.reset()
     model = create_model(name, input_size=8, in_channels=1, num_classes=10)

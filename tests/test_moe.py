@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from switch_dit import create_model
-from switch_dit.models.moe import (ExpertChoiceMoE, TokenChoiceMoE, reference_expert_choice,
-                                   reference_token_choice)
+from switch_dit.models.moe import (CapacityPredictorMoE, ExpertChoiceMoE, TokenChoiceMoE, reference_expert_choice,
+                                   reference_predicted_capacity, reference_token_choice)
 from tests.helpers import TINY, load_state, run_cli
 
 
@@ -177,6 +177,70 @@ def test_eager_token_choice_pads_small_balanced_groups_and_loops_otherwise():
     assert _expert_slots_computed(moe, x) == groups.sum()
 
 
+def test_diffmoe_trains_as_batch_expert_choice_with_its_predictor_loss_and_thresholds():
+    """Training: the output is batch-scope expert choice's, the aux loss is alpha x the mean binary cross-entropy
+    of the predictor against which experts picked each token, it trains the predictor only (detached tokens), and
+    each threshold moves by (1 - 0.95) towards the C-th highest predicted probability of its expert."""
+    torch.manual_seed(0)
+    D, E = 16, 4
+    moe = CapacityPredictorMoE(D, E, 2.0, 1, aux_alpha=0.01).train()
+    ec = ExpertChoiceMoE(D, E, 2.0, 1, scope="batch").train()
+    ec.load_state_dict({k: v for k, v in moe.state_dict().items() if not k.startswith(("predictor", "threshold"))})
+    with torch.no_grad():
+        moe.threshold.fill_(0.3)
+    x = torch.randn(2, 8, D, requires_grad=True)
+    y, aux = moe(x)
+    torch.testing.assert_close(y, ec(x)[0], rtol=0, atol=0)
+    xt = x.detach().reshape(-1, D)
+    T, C = xt.shape[0], ec.capacity(16)
+    probs = ec.gate_probs(xt)
+    picked = torch.zeros(T, E)
+    for e in range(E):
+        picked[probs[:, e].topk(C).indices, e] = 1.0
+    logits = moe.predictor(xt)
+    p = torch.sigmoid(logits)
+    bce = -(picked * torch.log(p) + (1 - picked) * torch.log(1 - p)).mean()
+    assert aux.item() == pytest.approx(0.01 * bce.item(), rel=1e-5)
+    quantile = p.sort(dim=0, descending=True).values[C - 1]
+    torch.testing.assert_close(moe.threshold, 0.95 * 0.3 + 0.05 * quantile.detach(), rtol=1e-6, atol=1e-7)
+    grads = torch.autograd.grad(aux, [x, moe.predictor[0].weight, moe.gate_weight], allow_unused=True)
+    assert grads[0] is None or grads[0].abs().sum() == 0  # the predictor sees detached tokens
+    assert grads[1].abs().sum() > 0 and (grads[2] is None or grads[2].abs().sum() == 0)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static shapes"])
+def test_diffmoe_samples_each_expert_on_as_many_tokens_as_its_predictor_says(static):
+    """Eval: expert e takes the k_e tokens of highest affinity, k_e = the tokens predicted above its threshold; the
+    eager dispatch and the static one (torch.compile's: every expert on every token, weight 0 off the picks) equal
+    a loop, with gradients, and the counters and recorded assignment say what was picked."""
+    torch.manual_seed(0)
+    D, E = 16, 4
+    moe = CapacityPredictorMoE(D, E, 2.0, 1).eval()
+    moe.static_dispatch = static
+    x = torch.randn(2, 8, D, requires_grad=True)
+    with torch.no_grad():
+        moe.gate_weight.normal_(0, 1.0)
+        p = torch.sigmoid(moe.predict(x.reshape(-1, D)))
+        # experts 0-2 above the 10%, 50% and 80% quantile of their predictions (14, 8 and 3 of 16 tokens); 3: none
+        moe.threshold.copy_(torch.stack([p[:, e].quantile(q) for e, q in enumerate((0.1, 0.5, 0.8))] +
+                                        [torch.tensor(1.0)]))
+    moe.record = True
+    y, aux = moe(x)
+    assert aux is None
+    want = reference_predicted_capacity(moe, x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    wrt = [x, moe.gate_weight, *moe.experts.parameters(), *moe.shared.parameters()]  # (the predictor only counts)
+    for a, b in zip(torch.autograd.grad((y * g).sum(), wrt), torch.autograd.grad((want * g).sum(), wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    predicted = torch.sigmoid(moe.predict(x.detach().reshape(-1, D)))
+    k = (predicted > moe.threshold).sum(0)
+    assert k[3] == 0 and k[:3].min() > 0 and torch.equal(moe.last_assign.sum(0), k.float())
+    tokens, computed, _, unrouted = moe.pop_stats().tolist()
+    assert tokens == 16 and computed == (E * 16 if static else k.sum())
+    assert unrouted == (moe.last_assign.sum(1) == 0).sum()
+
+
 def test_load_balancing_loss_equals_its_formula_and_trains_the_gate():
     torch.manual_seed(0)
     E, k, alpha = 8, 2, 0.01
@@ -235,6 +299,21 @@ def test_active_parameters_and_flops_within_5_percent_of_dense_dit(size, variant
     assert forward_gflops(moe.model, 32, 1) == pytest.approx(forward_gflops(dense.model, 32, 1), rel=0.05)
 
 
+def test_diffmoe_costs_expert_choice_plus_its_capacity_predictor():
+    """DiffMoE is batch-pool expert choice plus a D -> D -> E predictor on every token: its active parameters and
+    FLOPs are EC-MoE's plus exactly the predictor's."""
+    from switch_dit.compare import active_parameters
+    from switch_dit.config import Config
+    from switch_dit.flops import forward_gflops
+
+    D, E, depth, tokens = 192, 8, 6, 16
+    predictor = D * D + D + D * E + E
+    assert active_parameters(Config(model="DiffMoE-XS/4")) == active_parameters(Config(model="EC-MoE-XS/4")) + \
+        depth * predictor
+    macs = depth * tokens * (D * D + D * E) / 1e9
+    assert forward_gflops("DiffMoE-XS/4", 16, 1) == pytest.approx(forward_gflops("EC-MoE-XS/4", 16, 1) + macs, rel=1e-9)
+
+
 def test_a_recorded_config_with_an_ignored_option_still_loads_and_resumes():
     """Runs recorded before ignored options were refused: the options are reset to their defaults when read (they
     never changed the weights), so loading, resuming and the compatibility check accept them."""
@@ -258,11 +337,35 @@ def test_an_option_the_routing_ignores_is_refused():
 
     with pytest.raises(ValueError, match="moe-capacity-factor applies to TC-MoE only.*--moe-top-k"):
         Config(model="EC-MoE-XS/4", moe_capacity_factor=2.0).validate()
-    with pytest.raises(ValueError, match="moe-aux-alpha applies to TC-MoE only"):
+    with pytest.raises(ValueError, match="moe-aux-alpha applies to TC-MoE and DiffMoE only"):
         Config(model="EC-MoE-XS/4", moe_aux_alpha=0.1).validate()
     with pytest.raises(ValueError, match="moe-scope applies to EC-MoE only"):
         Config(model="TC-MoE-XS/4", moe_scope="sample").validate()
+    with pytest.raises(ValueError, match="moe-scope applies to EC-MoE only.*DiffMoE's pool is always the batch"):
+        Config(model="DiffMoE-XS/4", moe_scope="sample").validate()
+    with pytest.raises(ValueError, match="moe-capacity-factor applies to TC-MoE only.*DiffMoE's capacity factor"):
+        Config(model="DiffMoE-XS/4", moe_capacity_factor=2.0).validate()
     Config(model="EC-MoE-XS/4", moe_scope="sample", moe_top_k=3).validate()
+    Config(model="DiffMoE-XS/4", moe_aux_alpha=0.1, moe_top_k=3).validate()
+    with pytest.raises(ValueError, match="capacity predictor's loss weight"):
+        create_model("DiffMoE-XS/4", input_size=8, in_channels=1, moe_aux_alpha=-1.0)
+
+
+def test_a_diffmoe_checkpoint_is_told_apart_from_the_other_mixtures():
+    """Its predictor's weights name it: loading it as EC-MoE (or EC-MoE's as DiffMoE) is a one-line error that
+    names the right model, and a foreign state dict's name is read from its tensors."""
+    from switch_dit.checkpoint import CheckpointError
+    from switch_dit.config import Config
+    from switch_dit.loading import _name_from_tensors, build_checked
+
+    diff = create_model("DiffMoE-XS/4", input_size=16, in_channels=1, num_classes=10).state_dict()
+    ec = create_model("EC-MoE-XS/4", input_size=16, in_channels=1, num_classes=10).state_dict()
+    with pytest.raises(CheckpointError, match="holds a DiffMoE model, not EC-MoE-XS/4: pass --model DiffMoE-XS/4"):
+        build_checked(Config(model="EC-MoE-XS/4", image_size=16), diff, "x.pt", 10, check_only=True)
+    with pytest.raises(CheckpointError, match="holds a token-routed model, not DiffMoE-XS/4"):
+        build_checked(Config(model="DiffMoE-XS/4", image_size=16), ec, "x.pt", 10, check_only=True)
+    build_checked(Config(model="DiffMoE-XS/4", image_size=16), diff, "x.pt", 10, check_only=True)
+    assert _name_from_tensors(diff, "x.pt", "DiT") == "DiffMoE-XS/4"
 
 
 def test_token_choice_sampling_flops_are_counted_as_computed():
@@ -303,7 +406,7 @@ def test_options_are_checked():
     assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2", "--moe-top-k", "9", "--max-steps", 1) == 2
 
 
-@pytest.mark.parametrize("model", ["TC-MoE-XS/2", "EC-MoE-XS/2"])
+@pytest.mark.parametrize("model", ["TC-MoE-XS/2", "EC-MoE-XS/2", "DiffMoE-XS/2"])
 def test_resume_is_exact_and_every_sampler_runs(tmp_path, model):
     args = [*TINY, "--model", model, "--ckpt-every", 2]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -319,6 +422,11 @@ def test_resume_is_exact_and_every_sampler_runs(tmp_path, model):
     logged = read_metrics(a / "metrics.jsonl")[-1]
     assert "train/moe_dropped_slots" in logged and 0 <= logged["train/moe_dropped_slots"] <= 1
     assert ("train/balance_loss" in logged) == model.startswith("TC")
+    assert ("train/predictor_loss" in logged) == model.startswith("DiffMoE")
+    if model.startswith("DiffMoE"):  # the EMA model samples with the thresholds the model learned
+        thresholds = [k for k in sa["model"] if k.endswith(".mlp.threshold")]
+        assert len(thresholds) == 6 and all(torch.equal(sa["ema"][k], sa["model"][k]) for k in thresholds)
+        assert all(sa["model"][k].min() > 0 for k in thresholds)
     for sampler in ("ddpm", "ddim", "dpm++"):
         out = tmp_path / f"{sampler}.png"
         assert run_cli("sample", a / "checkpoints" / "step_0000004.pt", "--sampler", sampler,

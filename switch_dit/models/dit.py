@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                      get_2d_sincos_pos_embed, modulate)
-from .moe import MIXTURES, ExpertChoiceMoE, TokenChoiceMoE, TokenMixture
+from .moe import MIXTURES, CapacityPredictorMoE, ExpertChoiceMoE, TokenChoiceMoE, TokenMixture
 from .prior import DiffusionPrior
 from .routing import ROUTERS, DTRRouter, SwitchRouter
 
@@ -221,8 +221,8 @@ MODEL_SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
-VARIANTS = (*ROUTERS, *MIXTURES)  # DiT, DTR, Switch-DiT (routing by timestep), TC-MoE, EC-MoE (by token)
-_NAME = re.compile(r"^(?P<variant>DiT|DTR|Switch-DiT|TC-MoE|EC-MoE)-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
+VARIANTS = (*ROUTERS, *MIXTURES)  # DiT, DTR, Switch-DiT (routing by timestep), TC-MoE, EC-MoE, DiffMoE (by token)
+_NAME = re.compile(r"^(?P<variant>DiT|DTR|Switch-DiT|TC-MoE|EC-MoE|DiffMoE)-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
 
 def model_names() -> list[str]:
@@ -250,7 +250,9 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
     Token-routed variants (moe_*): E = moe_experts fine-grained experts per block, each a GELU FFN of width
     4D / (moe_top_k + moe_shared), plus moe_shared always-on ones; TC-MoE sends each token to its top
     moe_top_k (capacity moe_capacity_factor in training, load-balancing loss moe_aux_alpha), EC-MoE lets each
-    expert take moe_top_k * tokens / E tokens of its pool (moe_scope: the batch or each sample)."""
+    expert take moe_top_k * tokens / E tokens of its pool (moe_scope: the batch or each sample), DiffMoE is
+    batch-pool expert choice with a capacity predictor (loss weight moe_aux_alpha) that sets each expert's
+    number of tokens in sampling."""
     variant, size, patch = parse_model_name(name)
     depth, hidden, heads = MODEL_SIZES[size]
     if input_size % patch:
@@ -277,11 +279,15 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
     if variant == "TC-MoE":
         mlp_factory = lambda: TokenChoiceMoE(hidden, moe_experts, moe_top_k, moe_shared,  # noqa: E731
                                              moe_capacity_factor, moe_aux_alpha)
-    elif variant == "EC-MoE":
+    elif variant in ("EC-MoE", "DiffMoE"):
         if not 1 <= moe_top_k <= moe_experts:
             raise ValueError(f"moe_top_k must satisfy 1 <= moe_top_k <= moe_experts={moe_experts}, got {moe_top_k}")
-        mlp_factory = lambda: ExpertChoiceMoE(hidden, moe_experts, float(moe_top_k), moe_shared,  # noqa: E731
-                                              moe_scope)
+        if variant == "EC-MoE":
+            mlp_factory = lambda: ExpertChoiceMoE(hidden, moe_experts, float(moe_top_k), moe_shared,  # noqa: E731
+                                                  moe_scope)
+        else:
+            mlp_factory = lambda: CapacityPredictorMoE(hidden, moe_experts, float(moe_top_k),  # noqa: E731
+                                                       moe_shared, moe_aux_alpha)
     if mlp_factory is not None:
         mlp_factory()  # validates the options once, before the model is built
     return DiT(input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,

@@ -106,6 +106,8 @@ class TokenMixture(nn.Module):
         self.register_buffer("stats", torch.zeros(4), persistent=False)
         self.record = False  # analysis: keep the last forward's (tokens, E) 0/1 assignment in ``last_assign``
         self.last_assign: torch.Tensor | None = None
+        # True: the static-shape dispatch torch.compile traces (and FLOP counting on 'meta' runs), also eagerly
+        self.static_dispatch = False
 
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) softmax of the token-expert affinities, computed in float32 even under autocast (the router's
@@ -156,8 +158,6 @@ class TokenChoiceMoE(TokenMixture):
         super().__init__(hidden_size, num_experts, top_k, num_shared, mlp_ratio)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        # True: always the fixed-buffer dispatch (the one torch.compile and FLOP counting on 'meta' use)
-        self.static_dispatch = False
         self.aux_alpha = aux_alpha
         nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))  # nn.Linear's default, as DiT-MoE's gate
 
@@ -279,28 +279,123 @@ class ExpertChoiceMoE(TokenMixture):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         B, L, D = x.shape
-        T, E = B * L, self.num_experts
+        xt = x.reshape(B * L, D)
+        y, _ = self._route(xt, L)
+        return self._finish(xt, y).view(B, L, D), None
+
+    def _route(self, xt: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed experts' output for tokens (T, D) of samples of L tokens, and each expert's picks (E, G*C)."""
+        (T, D), E = xt.shape, self.num_experts
         pool = L if self.scope == "sample" else T
         G = T // pool
         C = self.capacity(pool)
-        xt = x.reshape(T, D)
         probs = self.gate_probs(xt)  # (T, E)
         affinity, index = probs.view(G, pool, E).transpose(1, 2).topk(C, dim=-1)  # (G, E, C): each expert's picks
-        index = index + (torch.arange(G, device=x.device) * pool).view(G, 1, 1)  # pool-local -> batch token
+        index = index + (torch.arange(G, device=xt.device) * pool).view(G, 1, 1)  # pool-local -> batch token
         index = index.transpose(0, 1).reshape(E, G * C)
         picked = xt.index_select(0, index.reshape(-1)).view(E, G * C, D)  # deterministic backward (see above)
-        out = self.experts(picked) * affinity.transpose(0, 1).reshape(E, G * C, 1).to(x.dtype)
+        out = self.experts(picked) * affinity.transpose(0, 1).reshape(E, G * C, 1).to(xt.dtype)
         y = torch.zeros_like(xt).index_add(0, index.reshape(-1), out.reshape(-1, D))
         with torch.no_grad():
-            hits = _count(index.reshape(-1), T)
-            self.stats[0] += T  # python scalars, no host-to-device copy
-            self.stats[1] += E * G * C
-            self.stats[3] += (hits == 0).sum().float()
-            if self.record:
-                self.last_assign = torch.zeros(T, E, device=x.device).index_put_(
-                    (index.reshape(-1), torch.arange(E, device=x.device).repeat_interleave(G * C)),
-                    torch.ones((), device=x.device))
-        return self._finish(xt, y).view(B, L, D), None
+            self._count_routing(T, index.reshape(-1), torch.arange(E, device=xt.device).repeat_interleave(G * C))
+        return y, index
+
+    def _count_routing(self, T: int, token: torch.Tensor, expert: torch.Tensor) -> None:
+        """Counters and the recorded assignment from the routed (token, expert) pairs."""
+        hits = _count(token, T)
+        self.stats[0] += T  # python scalars, no host-to-device copy
+        self.stats[1] += token.numel()
+        self.stats[3] += (hits == 0).sum().float()
+        if self.record:
+            self.last_assign = torch.zeros(T, self.num_experts, device=token.device).index_put_(
+                (token, expert), torch.ones((), device=token.device))
+
+
+class CapacityPredictorMoE(ExpertChoiceMoE):
+    """DiffMoE (Shi et al. 2025): expert choice over the batch's global token pool in training, as batch-scope
+    EC-MoE, plus a capacity predictor, a D -> D -> E MLP (SiLU) on the detached tokens, trained by binary
+    cross-entropy (weight aux_alpha, DiffMoE's 0.01 per block) to predict which experts pick each token. Every
+    training step moves each expert's threshold, an EMA (decay 0.95), towards the C-th highest predicted probability
+    of the batch (averaged over processes under DDP). In eval mode expert e takes as many tokens as the predictor puts
+    above its threshold, the ones of highest affinity, as DiffMoE's inference: compute follows the predicted need,
+    so a sampling step's cost depends on its timestep, and a sample still depends on its batch (top-k within it).
+    Eagerly that reads the E counts on the host; under torch.compile (static shapes) every expert computes every
+    token and the unpicked ones get weight 0."""
+
+    kind = "expert-choice, predicted capacity"
+
+    def __init__(self, hidden_size: int, num_experts: int = 8, capacity_factor: float = 2.0, num_shared: int = 1,
+                 aux_alpha: float = 0.01, mlp_ratio: float = 4.0, threshold_decay: float = 0.95):
+        if aux_alpha < 0 or not math.isfinite(aux_alpha):
+            raise ValueError(f"moe_aux_alpha (the capacity predictor's loss weight) must be a finite number >= 0, "
+                             f"got {aux_alpha}")
+        super().__init__(hidden_size, num_experts, capacity_factor, num_shared, "batch", mlp_ratio)
+        self.aux_alpha = aux_alpha
+        self.threshold_decay = threshold_decay
+        self.predictor = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
+                                       nn.Linear(hidden_size, num_experts))
+        self.register_buffer("threshold", torch.zeros(num_experts))  # in checkpoints: sampling needs it
+
+    def predict(self, xt: torch.Tensor) -> torch.Tensor:
+        """(T, E) logits of 'expert e picks this token', in float32 (as the gate), without gradient into the
+        backbone (DiffMoE trains the predictor on detached tokens)."""
+        lin1, act, lin2 = self.predictor
+
+        def run():
+            h = act(F.linear(xt.detach().float(), lin1.weight.float(), lin1.bias.float()))
+            return F.linear(h, lin2.weight.float(), lin2.bias.float())
+
+        if torch.amp.is_autocast_available(xt.device.type):  # ('meta' has no autocast)
+            with torch.autocast(xt.device.type, enabled=False):
+                return run()
+        return run()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, L, D = x.shape
+        T, E = B * L, self.num_experts
+        xt = x.reshape(T, D)
+        logits = self.predict(xt)
+        if not self.training:
+            return self._finish(xt, self._route_predicted(xt, logits)).view(B, L, D), None
+        y, index = self._route(xt, L)
+        picked = torch.zeros(T, E, device=x.device).index_put_(
+            (index.reshape(-1), torch.arange(E, device=x.device).repeat_interleave(index.shape[1])),
+            torch.ones((), device=x.device))
+        aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked) if self.aux_alpha > 0 else None
+        with torch.no_grad():
+            # the C-th highest predicted probability of each expert: where its threshold should sit
+            quantile = torch.sigmoid(logits).topk(index.shape[1], dim=0).values[-1]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(quantile)
+                quantile /= torch.distributed.get_world_size()
+            self.threshold.lerp_(quantile, 1.0 - self.threshold_decay)
+        return self._finish(xt, y).view(B, L, D), aux
+
+    def _route_predicted(self, xt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Eval: expert e takes its k_e tokens of highest affinity, k_e = the tokens predicted above its threshold."""
+        (T, D), E = xt.shape, self.num_experts
+        probs = self.gate_probs(xt)
+        k = (torch.sigmoid(logits) > self.threshold).sum(0)  # (E,)
+        if self.static_dispatch or torch.compiler.is_compiling() or xt.device.type == "meta":  # static shapes:
+            # every expert computes every token
+            rank = probs.argsort(dim=0, descending=True).argsort(dim=0)  # (T, E): 0 = the expert's first pick
+            chosen = rank < k
+            out = self.experts(xt.unsqueeze(0).expand(E, T, D)) * (probs * chosen).t().to(xt.dtype)[..., None]
+            with torch.no_grad():
+                self.stats[0] += T
+                self.stats[1] += E * T  # computed, most of it at weight 0
+                self.stats[3] += (~chosen.any(1)).sum().float()
+                if self.record:
+                    self.last_assign = chosen.float()
+            return out.sum(0)
+        counts = k.tolist()  # one host read per block
+        picks = [probs[:, e].topk(c) for e, c in enumerate(counts)]
+        token = torch.cat([i for _, i in picks])
+        weight = torch.cat([a for a, _ in picks]).to(xt.dtype)
+        out = self.experts.grouped(xt.index_select(0, token), counts)
+        with torch.no_grad():
+            self._count_routing(T, token, torch.arange(E, device=xt.device).repeat_interleave(k))
+        return torch.zeros_like(xt).index_add(0, token, out * weight[:, None])
 
 
 def reference_token_choice(moe: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
@@ -336,4 +431,19 @@ def reference_expert_choice(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tens
     return moe._finish(xt, y).view(B, L, D)
 
 
-MIXTURES = {"TC-MoE": TokenChoiceMoE, "EC-MoE": ExpertChoiceMoE}
+def reference_predicted_capacity(moe: CapacityPredictorMoE, x: torch.Tensor) -> torch.Tensor:
+    """DiffMoE's inference written as a loop over experts: expert e counts the tokens whose predicted probability
+    is above its threshold and takes that many of the highest affinity."""
+    B, L, D = x.shape
+    xt = x.reshape(-1, D)
+    probs = moe.gate_probs(xt)
+    predicted = torch.sigmoid(moe.predict(xt))
+    y = torch.zeros_like(xt)
+    for e in range(moe.num_experts):
+        k = int((predicted[:, e] > moe.threshold[e]).sum())
+        a, i = probs[:, e].topk(k)
+        y[i] += a[:, None].to(x.dtype) * moe.experts.reference(xt[i], e)
+    return moe._finish(xt, y).view(B, L, D)
+
+
+MIXTURES = {"TC-MoE": TokenChoiceMoE, "EC-MoE": ExpertChoiceMoE, "DiffMoE": CapacityPredictorMoE}
