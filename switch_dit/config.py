@@ -140,6 +140,9 @@ class Config:
                         f"--moe-capacity-factor must be a finite number >= 0 (0 = dropless), got {self.moe_capacity_factor}"),
                        (math.isfinite(self.moe_aux_alpha) and self.moe_aux_alpha >= 0,
                         f"--moe-aux-alpha must be a finite number >= 0, got {self.moe_aux_alpha}"),
+                       (not self.model.startswith("DiffMoE") or self.moe_aux_alpha > 0,
+                        "--moe-aux-alpha must be > 0 for DiffMoE: it trains the capacity predictor that sizes "
+                        "sampling"),
                        (self.moe_scope in ("batch", "sample"), f"--moe-scope must be batch or sample, got {self.moe_scope!r}")]
             # an option the chosen routing ignores is a mistake, not a no-op (EC-MoE's capacity is moe_top_k)
             default = {f.name: f.default for f in dataclasses.fields(self)}
@@ -147,7 +150,7 @@ class Config:
                 if getattr(self, name) != default[name]:
                     other = {"moe_capacity_factor": "TC-MoE", "moe_aux_alpha": "TC-MoE and DiffMoE",
                              "moe_scope": "EC-MoE"}[name]
-                    hint = (f" ({self.model.split('-')[0]}'s capacity factor, the mean experts per token, is "
+                    hint = (f" ({self.model.rsplit('-', 1)[0]}'s capacity factor, the mean experts per token, is "
                             "--moe-top-k)" if name == "moe_capacity_factor" else
                             " (DiffMoE's pool is always the batch)" if self.model.startswith("DiffMoE") else "")
                     checks.append((False, f"--{name.replace('_', '-')} applies to {other} only; {self.model} ignores "

@@ -208,6 +208,21 @@ def test_diffmoe_trains_as_batch_expert_choice_with_its_predictor_loss_and_thres
     assert grads[1].abs().sum() > 0 and (grads[2] is None or grads[2].abs().sum() == 0)
 
 
+def test_diffmoe_thresholds_move_once_a_step_with_activation_checkpointing():
+    """Checkpointing recomputes a block's forward during backward: the thresholds must not move a second time."""
+    thresholds = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = create_model("DiffMoE-XS/4", input_size=8, in_channels=1, num_classes=10,
+                             grad_checkpointing=checkpointing).train()
+        torch.manual_seed(1)
+        out = model(torch.randn(4, 1, 8, 8), torch.tensor([3, 250, 600, 999]), torch.tensor([0, 1, 2, 3]))
+        (out.sample.square().mean() + out.aux_loss).backward()
+        thresholds.append(torch.stack([m.threshold for m in model.mixtures]))
+    assert thresholds[0].min() > 0
+    torch.testing.assert_close(thresholds[1], thresholds[0], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static shapes"])
 def test_diffmoe_samples_each_expert_on_as_many_tokens_as_its_predictor_says(static):
     """Eval: expert e takes the k_e tokens of highest affinity, k_e = the tokens predicted above its threshold; the
@@ -335,7 +350,8 @@ def test_a_recorded_config_with_an_ignored_option_still_loads_and_resumes():
 def test_an_option_the_routing_ignores_is_refused():
     from switch_dit.config import Config
 
-    with pytest.raises(ValueError, match="moe-capacity-factor applies to TC-MoE only.*--moe-top-k"):
+    with pytest.raises(ValueError, match="moe-capacity-factor applies to TC-MoE only.*EC-MoE's capacity factor.*"
+                                         "--moe-top-k"):
         Config(model="EC-MoE-XS/4", moe_capacity_factor=2.0).validate()
     with pytest.raises(ValueError, match="moe-aux-alpha applies to TC-MoE and DiffMoE only"):
         Config(model="EC-MoE-XS/4", moe_aux_alpha=0.1).validate()
@@ -349,6 +365,8 @@ def test_an_option_the_routing_ignores_is_refused():
     Config(model="DiffMoE-XS/4", moe_aux_alpha=0.1, moe_top_k=3).validate()
     with pytest.raises(ValueError, match="capacity predictor's loss weight"):
         create_model("DiffMoE-XS/4", input_size=8, in_channels=1, moe_aux_alpha=-1.0)
+    with pytest.raises(ValueError, match="moe-aux-alpha must be > 0 for DiffMoE"):
+        Config(model="DiffMoE-XS/4", moe_aux_alpha=0.0).validate()
 
 
 def test_a_diffmoe_checkpoint_is_told_apart_from_the_other_mixtures():

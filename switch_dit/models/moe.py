@@ -320,14 +320,15 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
     above its threshold, the ones of highest affinity, as DiffMoE's inference: compute follows the predicted need,
     so a sampling step's cost depends on its timestep, and a sample still depends on its batch (top-k within it).
     Eagerly that reads the E counts on the host; under torch.compile (static shapes) every expert computes every
-    token and the unpicked ones get weight 0."""
+    token and the unpicked ones get weight 0 (the same picks, exact ties in affinity aside). The EMA model samples
+    with the model's thresholds (train.update_ema copies buffers) and its own averaged predictor."""
 
     kind = "expert-choice, predicted capacity"
 
     def __init__(self, hidden_size: int, num_experts: int = 8, capacity_factor: float = 2.0, num_shared: int = 1,
                  aux_alpha: float = 0.01, mlp_ratio: float = 4.0, threshold_decay: float = 0.95):
-        if aux_alpha < 0 or not math.isfinite(aux_alpha):
-            raise ValueError(f"moe_aux_alpha (the capacity predictor's loss weight) must be a finite number >= 0, "
+        if not (aux_alpha > 0 and math.isfinite(aux_alpha)):  # 0 would leave the predictor, which sizes sampling, random
+            raise ValueError(f"moe_aux_alpha (the capacity predictor's loss weight) must be a finite number > 0, "
                              f"got {aux_alpha}")
         super().__init__(hidden_size, num_experts, capacity_factor, num_shared, "batch", mlp_ratio)
         self.aux_alpha = aux_alpha
@@ -361,14 +362,17 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
         picked = torch.zeros(T, E, device=x.device).index_put_(
             (index.reshape(-1), torch.arange(E, device=x.device).repeat_interleave(index.shape[1])),
             torch.ones((), device=x.device))
-        aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked) if self.aux_alpha > 0 else None
+        aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked)
+        # once a step: not again when activation checkpointing recomputes this forward during backward
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         with torch.no_grad():
             # the C-th highest predicted probability of each expert: where its threshold should sit
-            quantile = torch.sigmoid(logits).topk(index.shape[1], dim=0).values[-1]
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(quantile)
-                quantile /= torch.distributed.get_world_size()
-            self.threshold.lerp_(quantile, 1.0 - self.threshold_decay)
+            if not recomputing:
+                quantile = torch.sigmoid(logits).topk(index.shape[1], dim=0).values[-1]
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(quantile)
+                    quantile /= torch.distributed.get_world_size()
+                self.threshold.lerp_(quantile, 1.0 - self.threshold_decay)
         return self._finish(xt, y).view(B, L, D), aux
 
     def _route_predicted(self, xt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
