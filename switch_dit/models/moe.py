@@ -109,6 +109,10 @@ class TokenMixture(nn.Module):
         # True: the static-shape dispatch torch.compile traces (and FLOP counting on 'meta' runs), also eagerly
         self.static_dispatch = False
 
+    def _static(self, x: torch.Tensor) -> bool:
+        """Static shapes: under torch.compile, on 'meta' (FLOP counting), or when asked."""
+        return self.static_dispatch or torch.compiler.is_compiling() or x.device.type == "meta"
+
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) softmax of the token-expert affinities, computed in float32 even under autocast (the router's
         selective precision, as Switch Transformer): bf16 logits would make near-ties of top-k device-dependent."""
@@ -177,18 +181,19 @@ class TokenChoiceMoE(TokenMixture):
         expert = choice.t().reshape(-1)  # (k*T,)
         order = torch.argsort(expert, stable=True)  # the one sort: slots grouped by expert, priority kept
         counts = _count(expert, E)
-        static = self.static_dispatch or torch.compiler.is_compiling() or x.device.type == "meta"
-        kept = None if static else counts.clamp(max=C).tolist()  # eager: one host read of the E kept counts
+        kept_n = counts.clamp(max=C)
+        kept = None if self._static(x) else kept_n.tolist()  # eager: one host read of the E kept counts
         loop = kept is not None and (sum(kept) >= LOOP_ROWS * E or E * max(kept) > PAD_LIMIT * sum(kept))
+        may_drop = kept is None or sum(kept) < k * T
         pos = keep = None  # keep None: no slot dropped
-        if kept is None or not loop or sum(kept) < k * T:
+        if may_drop or not loop:
             first = counts.cumsum(0) - counts  # where each expert's group starts in the sorted order
             pos_sorted = torch.arange(k * T, device=x.device) - first[expert[order]]
             pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)  # queue position of each slot
-            if kept is None or sum(kept) < k * T:
+            if may_drop:
                 keep = pos < C
         if loop:
-            y = self._dispatch_exact(xt, gates, order, counts, C, kept)
+            y = self._dispatch_exact(xt, gates, order, counts, kept_n, kept)
         else:
             y = self._dispatch_buffers(xt, gates, expert, keep, pos, C if kept is None else max(kept))
         aux = None
@@ -231,14 +236,13 @@ class TokenChoiceMoE(TokenMixture):
         out = self.experts(xt.index_select(0, src).view(E, C, D)).reshape(E * C, D)
         return torch.zeros_like(xt).index_add(0, src, out * w_buf[:, None])
 
-    def _dispatch_exact(self, xt, gates, order, counts, C, kept):
+    def _dispatch_exact(self, xt, gates, order, counts, kept_n, kept):
         """The kept slots sorted by expert, each expert applied to exactly its kept[e] slots (a loop over experts,
         as DiT-MoE's): the routed FLOPs and no more."""
         T, total = xt.shape[0], sum(kept)
         slots = order
         if total < order.numel():  # drops: each expert's group keeps its first kept[e] slots, found without a sync
-            keep_n = counts.clamp(max=C)
-            skip = torch.repeat_interleave((counts.cumsum(0) - counts) - (keep_n.cumsum(0) - keep_n), keep_n,
+            skip = torch.repeat_interleave((counts.cumsum(0) - counts) - (kept_n.cumsum(0) - kept_n), kept_n,
                                            output_size=total)
             slots = order.index_select(0, torch.arange(total, device=xt.device) + skip)
         token = slots % T  # slot j * T + t is token t's (j+1)-th choice
@@ -307,8 +311,12 @@ class ExpertChoiceMoE(TokenMixture):
         self.stats[1] += token.numel()
         self.stats[3] += (hits == 0).sum().float()
         if self.record:
-            self.last_assign = torch.zeros(T, self.num_experts, device=token.device).index_put_(
-                (token, expert), torch.ones((), device=token.device))
+            self.last_assign = self._assignment(T, token, expert)
+
+    def _assignment(self, T: int, token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """(T, E) 0/1: 1 where an expert picked a token."""
+        return torch.zeros(T, self.num_experts, device=token.device).index_put_(
+            (token, expert), torch.ones((), device=token.device))
 
 
 class CapacityPredictorMoE(ExpertChoiceMoE):
@@ -359,9 +367,8 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
         if not self.training:
             return self._finish(xt, self._route_predicted(xt, logits)).view(B, L, D), None
         y, index = self._route(xt, L)
-        picked = torch.zeros(T, E, device=x.device).index_put_(
-            (index.reshape(-1), torch.arange(E, device=x.device).repeat_interleave(index.shape[1])),
-            torch.ones((), device=x.device))
+        picked = self._assignment(T, index.reshape(-1),
+                                  torch.arange(E, device=x.device).repeat_interleave(index.shape[1]))
         aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked)
         # once a step: not again when activation checkpointing recomputes this forward during backward
         recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
@@ -380,8 +387,7 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
         (T, D), E = xt.shape, self.num_experts
         probs = self.gate_probs(xt)
         k = (torch.sigmoid(logits) > self.threshold).sum(0)  # (E,)
-        if self.static_dispatch or torch.compiler.is_compiling() or xt.device.type == "meta":  # static shapes:
-            # every expert computes every token
+        if self._static(xt):  # static shapes: every expert computes every token
             rank = probs.argsort(dim=0, descending=True).argsort(dim=0)  # (T, E): 0 = the expert's first pick
             chosen = rank < k
             out = self.experts(xt.unsqueeze(0).expand(E, T, D)) * (probs * chosen).t().to(xt.dtype)[..., None]
