@@ -501,3 +501,55 @@ def test_ddp(tmp_path, model, options):
     b = load_state(tmp_path / "two" / "checkpoints" / "step_0000003.pt")["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def _threshold_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from tests.helpers import dist_env
+
+    dist_env(rank, world, port)
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        moe = CapacityPredictorMoE(16, 4, 2.0, 1).train()
+        with torch.no_grad():
+            moe.threshold.fill_(0.3)
+        torch.manual_seed(10 + rank)  # each process routes its own batch
+        moe(torch.randn(2, 8, 16))
+        torch.save(moe.threshold.clone(), f"{out}/threshold{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_diffmoe_thresholds_are_averaged_over_processes(tmp_path):
+    """Under DDP every process moves each threshold towards the mean over processes of its batch's C-th highest
+    predicted probability, so sampling on any process uses the same thresholds."""
+    from tests.helpers import run_processes
+
+    run_processes(_threshold_worker, 2, str(tmp_path))
+    got = [torch.load(tmp_path / f"threshold{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    moe = CapacityPredictorMoE(16, 4, 2.0, 1).train()
+    C = moe.capacity(16)
+    quantiles = []
+    for rank in range(2):
+        torch.manual_seed(10 + rank)
+        p = torch.sigmoid(moe.predictor(torch.randn(2, 8, 16).reshape(-1, 16))).detach()
+        quantiles.append(p.sort(dim=0, descending=True).values[C - 1])
+    want = 0.95 * 0.3 + 0.05 * (quantiles[0] + quantiles[1]) / 2
+    assert not torch.allclose(quantiles[0], quantiles[1])  # the batches differ: the average is what makes them agree
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-7)
+
+
+def test_diffmoe_trains_under_ddp(tmp_path):
+    """DiffMoE is batch-coupled (each process pools its own batch), so two processes do not equal one; they must still
+    train (the predictor is used every step: no unused parameters) and checkpoint moved thresholds."""
+    from tests.helpers import run_processes
+
+    run_processes(_ddp_worker, 2, str(tmp_path), "DiffMoE-XS/2", {})
+    state = load_state(tmp_path / "checkpoints" / "step_0000003.pt")
+    for key in ("model", "ema"):
+        thresholds = [v for k, v in state[key].items() if k.endswith(".mlp.threshold")]
+        assert thresholds and all(t.min() > 0 for t in thresholds), key
