@@ -342,15 +342,34 @@ def _pm(values, digits: int) -> str:
 
 
 def _aggregate(results: dict) -> dict:
-    """variant -> step -> metric -> (mean, sample std over seeds)."""
+    """variant -> step -> metric -> (mean, sample std over seeds). Precision and recall of evaluations from two
+    feature kinds (_pr_features) are not averaged together: NaN."""
     agg: dict = {}
+    kinds = _pr_kinds(results)
     for rec in results["runs"].values():
         variant = label_of(rec)
         for step, ev in rec["evals"].items():
             for m in ("fid", "is_mean", "precision", "recall"):
-                agg.setdefault(variant, {}).setdefault(int(step), {}).setdefault(m, []).append(ev[m])
+                mixed = m in ("precision", "recall") and len(kinds[variant, int(step)]) > 1
+                agg.setdefault(variant, {}).setdefault(int(step), {}).setdefault(m, []).append(
+                    float("nan") if mixed else ev[m])
     return {v: {s: {m: (float(np.mean(x)), _sd(x), len(x)) for m, x in ms.items()} for s, ms in sorted(steps.items())}
             for v, steps in agg.items()}
+
+
+def _pr_features(ev: dict) -> str:
+    """Which classifier features an evaluation's precision/recall used: evaluations from before the switch to the
+    2048-d convolutional features (which also record their k-NN 'k') used the 128-d penultimate ones."""
+    return "conv" if "k" in ev else "penultimate"
+
+
+def _pr_kinds(results: dict) -> dict:
+    """(variant, step) -> the set of precision/recall feature kinds among its seeds' evaluations."""
+    kinds: dict = {}
+    for rec in results["runs"].values():
+        for step, ev in rec["evals"].items():
+            kinds.setdefault((label_of(rec), int(step)), set()).add(_pr_features(ev))
+    return kinds
 
 
 def _loss_curves(results: dict, out: Path, key: str = "train/mse") -> dict:
@@ -635,6 +654,20 @@ def _sampling_cost(runs: dict) -> str:
     return (" " + "; ".join(parts) + ".") if parts else ""
 
 
+def _pr_note(pr_kinds: dict) -> str:
+    """The report header's sentence on which features precision and recall used, when not all the current ones."""
+    kinds = set().union(*pr_kinds.values()) if pr_kinds else set()
+    old = ("the classifier's 128-d penultimate features (these evaluations predate the switch to its 2048-d "
+           "convolutional features, which keep noise out of the data manifold)")
+    if kinds == {"penultimate"}:
+        return f" Precision and recall here use {old}; FID and IS are unaffected."
+    if kinds == {"penultimate", "conv"}:
+        return (f" Precision and recall marked † use {old}; the unmarked ones use the convolutional features. The two "
+                "kinds are not comparable with each other (compare precision and recall only within one kind); FID "
+                "and IS are unaffected.")
+    return ""
+
+
 def write_report(results: dict, out: Path) -> Path:
     import matplotlib
 
@@ -656,6 +689,7 @@ def write_report(results: dict, out: Path) -> Path:
                                    if r["seed"] in seeds and label_of(r) in labels}}
     agg = _aggregate(results)
     agg = {v: agg[v] for v in labels if v in agg}
+    pr_kinds = _pr_kinds(results)
     runs = results["runs"]
     info = {}
     for rec in runs.values():
@@ -750,11 +784,7 @@ def write_report(results: dict, out: Path) -> Path:
              "matters only for expert choice over the batch) scored with the bundled Fashion-MNIST classifier's "
              f"features against {ref_set['num']:,} images of the {ref_set['split']} split of the training data. "
              "These numbers are not comparable with Inception-based FID/IS. ± is the sample standard deviation over "
-             "seeds (ddof = 1)." + (" Precision and recall here use the classifier's 128-d penultimate features "
-                                    "(these evaluations predate the switch to its 2048-d convolutional features, "
-                                    "which keep noise out of the data manifold); FID and IS are unaffected."
-                                    if any("k" not in e for r in runs.values() for e in r.get("evals", {}).values())
-                                    else ""), "",
+             "seeds (ddof = 1)." + _pr_note(pr_kinds), "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
                 "rerunning the command resumes them.", ""] if set(asked) - set(seeds) and not partial else []),
@@ -775,9 +805,12 @@ def write_report(results: dict, out: Path) -> Path:
              "does not reach left out); GFLOPs count the active experts." + _sampling_cost(runs), "",
              "| model | params (M) | active params (M) | GFLOPs | step | FID | IS | precision | recall | wall-clock train "
              "time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    mark_old = len(set().union(*pr_kinds.values())) > 1  # both kinds in one table: the older ones marked
     for v, steps in agg.items():
         for s, m in steps.items():
-            fmt = (lambda key, d=2: f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if m[key][2] > 1 else ""))
+            fmt = (lambda key, d=2: "mixed features" if np.isnan(m[key][0]) else
+                   f"{m[key][0]:.{d}f}" + (f" ± {m[key][1]:.{d}f}" if m[key][2] > 1 else "") +
+                   (" †" if key in ("precision", "recall") and mark_old and pr_kinds[v, s] == {"penultimate"} else ""))
             lines.append(f"| {v} | {info[v]['params']:.2f} | {info[v]['active']:.2f} | {info[v]['gflops']:.4f} | {s} | "
                          f"{fmt('fid')} | {fmt('is_mean')} | {fmt('precision', 3)} | {fmt('recall', 3)} | "
                          f"{np.mean(info[v]['time']):.0f} |")

@@ -128,6 +128,36 @@ def test_report_of_a_committed_comparison_names_its_features_and_step_times(tmp_
     assert "| DTR |" not in report.split("Time per training step")[1]  # not measured there: no row
 
 
+def test_a_report_mixing_precision_recall_features_marks_them_and_never_averages_them(tmp_path):
+    """One report with evaluations from before and after precision/recall moved to the convolutional features: the
+    older cells are marked and the header says the kinds are not comparable; a variant whose seeds mix the two shows
+    no average of them."""
+    import copy
+
+    from switch_dit.compare import write_report
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "docs/results/moe-family/results.json").read_text())
+    res = {**res, "config": {**res["config"], "seeds": [0, 1], "variants": ["DiT", "EC-MoE"]},
+           "runs": {k: r for k, r in res["runs"].items() if k.split("/")[0] in ("DiT", "EC-MoE")
+                    and r["seed"] in (0, 1)}}
+    ec = res["runs"]["EC-MoE/seed0"] = copy.deepcopy(res["runs"]["EC-MoE/seed0"])
+    for ev in ec["evals"].values():
+        ev.update(k=3, precision=0.123, recall=0.456)  # a newer evaluation
+    write_report(res, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "Precision and recall marked † use the classifier's 128-d penultimate features" in report
+    dit = next(x for x in report.splitlines() if x.startswith("| DiT |") and "| 3000 |" in x)
+    assert dit.count(" †") == 2
+    ec_row = next(x for x in report.splitlines() if x.startswith("| EC-MoE |") and "| 3000 |" in x)
+    assert ec_row.count("mixed features") == 2 and "0.123" not in ec_row and "0.456" not in ec_row
+    for r in res["runs"].values():  # every evaluation newer: no mark, no sentence
+        for ev in r["evals"].values():
+            ev["k"] = 3
+    write_report(res, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "†" not in report and "penultimate" not in report and "mixed features" not in report
+
+
 def test_step_times_from_a_malformed_or_foreign_benchmark_file_are_left_out(tmp_path):
     """The report's step-time table reads a JSON file: garbage, a missing section, nulls or another setting give no
     table (never a traceback or another setting's numbers)."""
