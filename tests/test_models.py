@@ -183,3 +183,17 @@ def test_bad_options_raise_value_error_naming_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         with torch.device("meta"):
             create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["DiT-XS/4", "DTR-XS/4", "Switch-DiT-XS/4", "TC-MoE-XS/4", "EC-MoE-XS/4",
+                                  "DiffMoE-XS/4"])
+def test_an_empty_batch_gives_an_empty_output_and_no_aux_loss(name):
+    """N = 0 through the Python API (a script's last, empty chunk): an empty output of the right shape and a zero aux
+    loss in train and eval, not a division by zero (capacities) or a NaN (the prior loss's mean over no samples)."""
+    model = create_model(name, input_size=16, in_channels=1, num_classes=10)
+    for training in (True, False):
+        model.train(training)
+        out = model(torch.randn(0, 1, 16, 16), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        assert out.sample.shape == (0, 2, 16, 16) and out.aux_loss.item() == 0.0
+        assert model.forward_with_cfg(torch.randn(0, 1, 16, 16), torch.zeros(0, dtype=torch.long),
+                                      torch.zeros(0, dtype=torch.long), 1.5).sample.shape == (0, 2, 16, 16)

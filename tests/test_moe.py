@@ -208,19 +208,24 @@ def test_diffmoe_trains_as_batch_expert_choice_with_its_predictor_loss_and_thres
     assert grads[1].abs().sum() > 0 and (grads[2] is None or grads[2].abs().sum() == 0)
 
 
-def test_diffmoe_thresholds_move_once_a_step_with_activation_checkpointing():
-    """Checkpointing recomputes a block's forward during backward: the thresholds must not move a second time."""
-    thresholds = []
+@pytest.mark.parametrize("name", ["TC-MoE-XS/4", "EC-MoE-XS/4", "DiffMoE-XS/4"])
+def test_counters_and_thresholds_move_once_a_step_with_activation_checkpointing(name):
+    """Checkpointing recomputes a block's forward during backward: the routing counters (logged fractions) and
+    DiffMoE's thresholds must not move a second time."""
+    seen = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = create_model("DiffMoE-XS/4", input_size=8, in_channels=1, num_classes=10,
+        model = create_model(name, input_size=8, in_channels=1, num_classes=10,
                              grad_checkpointing=checkpointing).train()
         torch.manual_seed(1)
         out = model(torch.randn(4, 1, 8, 8), torch.tensor([3, 250, 600, 999]), torch.tensor([0, 1, 2, 3]))
         (out.sample.square().mean() + out.aux_loss).backward()
-        thresholds.append(torch.stack([m.threshold for m in model.mixtures]))
-    assert thresholds[0].min() > 0
-    torch.testing.assert_close(thresholds[1], thresholds[0], rtol=1e-6, atol=0)
+        seen.append([torch.cat([m.pop_stats(), getattr(m, "threshold", torch.zeros(0))]) for m in model.mixtures])
+    assert seen[0][0][0] == 4 * 4  # tokens counted once
+    if name.startswith("DiffMoE"):
+        assert min(s[4:].min() for s in seen[0]) > 0
+    for a, b in zip(*seen):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static shapes"])

@@ -159,6 +159,11 @@ class DiT(nn.Module):
         it from step-derived seeds, so that runs do not depend on the number of processes).
         prior_target: the matched prior table of this step (``matched_prior_table``), given by the trainer so
         that the forward has no host work and compiles into one graph; without it the model matches itself."""
+        if x.shape[0] == 0:  # no tokens to route and nothing to average (capacities and the prior loss divide by N)
+            c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+            h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+            return ModelOutput(sample=self.unpatchify(self.final_layer(h, c)),
+                               aux_loss=torch.zeros((), device=x.device, dtype=torch.float32))
         use_prior = self.training and self.prior is not None and self.lambda_dp > 0
         if use_prior and prior_target is None:
             # The expert pattern of all T tasks needs no gradient: one no-grad pass of the timestep MLP and

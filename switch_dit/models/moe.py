@@ -43,6 +43,12 @@ LOOP_ROWS = 1024
 PAD_LIMIT = 1.25
 
 
+def _recomputing() -> bool:
+    """True while activation checkpointing recomputes a block's forward inside backward: counters and thresholds
+    must not move a second time for the same tokens."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _count(index: torch.Tensor, n: int) -> torch.Tensor:
     """bincount with a static length (compiles without a graph break, runs on 'meta' for FLOP counting)."""
     return torch.zeros(n, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
@@ -202,7 +208,9 @@ class TokenChoiceMoE(TokenMixture):
             aux = self.aux_alpha * (f * probs.mean(0)).sum()
         with torch.no_grad():
             # python numbers enter as kernel scalars: no host-to-device copy (which would sync a CUDA stream)
-            if keep is None:
+            if _recomputing():
+                pass
+            elif keep is None:
                 self.stats[0] += T
                 self.stats[1] += k * T
             else:
@@ -306,10 +314,11 @@ class ExpertChoiceMoE(TokenMixture):
 
     def _count_routing(self, T: int, token: torch.Tensor, expert: torch.Tensor) -> None:
         """Counters and the recorded assignment from the routed (token, expert) pairs."""
-        hits = _count(token, T)
-        self.stats[0] += T  # python scalars, no host-to-device copy
-        self.stats[1] += token.numel()
-        self.stats[3] += (hits == 0).sum().float()
+        if not _recomputing():
+            hits = _count(token, T)
+            self.stats[0] += T  # python scalars, no host-to-device copy
+            self.stats[1] += token.numel()
+            self.stats[3] += (hits == 0).sum().float()
         if self.record:
             self.last_assign = self._assignment(T, token, expert)
 
@@ -370,11 +379,10 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
         picked = self._assignment(T, index.reshape(-1),
                                   torch.arange(E, device=x.device).repeat_interleave(index.shape[1]))
         aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked)
-        # once a step: not again when activation checkpointing recomputes this forward during backward
-        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         with torch.no_grad():
-            # the C-th highest predicted probability of each expert: where its threshold should sit
-            if not recomputing:
+            # the C-th highest predicted probability of each expert: where its threshold should sit (once a step:
+            # not again when activation checkpointing recomputes this forward during backward)
+            if not _recomputing():
                 quantile = torch.sigmoid(logits).topk(index.shape[1], dim=0).values[-1]
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     torch.distributed.all_reduce(quantile)
