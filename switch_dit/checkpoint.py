@@ -369,9 +369,11 @@ def _load(path: Path) -> dict:
 
 
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:120] if str(e) else ''}); resume from an earlier "
-                           "checkpoint or delete this file")
+    first = str(e).splitlines()[0] if str(e) else ""
+    if len(first) > 120:  # cut at a word, marked as cut
+        first = first[:120].rsplit(" ", 1)[0] + " ..."
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); resume from "
+                           "an earlier checkpoint or delete this file")
 
 
 def resolve_resume(resume: str | None, results_dir: str | os.PathLike) -> Path | None:

@@ -97,24 +97,23 @@ def _sample(args) -> int:
         raise ValueError(f"--out {out} is a folder; give the .png file to write")
     names = getattr(model, "class_names", None)
     if args.class_labels:
-        from .images import make_grid, to_uint8
+        import math
+
+        from .images import make_grid
         from .pipeline import class_index
-        from .sample import decode, sample_latents, sampling_diffusion
+        from .sample import sample_batched
 
         labels = [class_index(model, c) for c in args.class_labels]
         per = args.per_class or 1
         labels = [c for c in labels for _ in range(per)]
-        seeds = [cfg.global_seed * 1_000_003 + i for i in range(len(labels))]
-        with torch.no_grad():
-            x = sample_latents(model, sampling_diffusion(cfg), cfg, torch.tensor(labels), seeds, device)
-        import math
-        grid = make_grid(to_uint8(decode(x, vae)), nrow=per if per > 1 else math.ceil(math.sqrt(len(labels))))
+        images = sample_batched(model, cfg, labels, cfg.global_seed, device, args.batch_size, vae)
+        grid = make_grid(images, nrow=per if per > 1 else math.ceil(math.sqrt(len(labels))))
         rows = [names[labels[i]] for i in range(0, len(labels), per)] if per > 1 and names else None
     else:
         per = args.per_class or 8
         with torch.no_grad():
             grid = class_grid(model, cfg, model.num_classes, per_class=per, seed=cfg.global_seed,
-                              device=device, vae=vae)
+                              device=device, vae=vae, batch_size=args.batch_size)
         rows = names[:min(model.num_classes, 10)] if names and model.num_classes > 1 else None
     size = model.x_embedder.grid_size * model.patch_size
     scale = args.scale or max(1, 64 // size)  # tiles of at least 64 pixels: a 16x16 model is readable
@@ -138,7 +137,12 @@ def _demo(args) -> int:
         ns.preset = "cpu-fashion"
     cfg = config_from_args(ns)
     if not hasattr(args, "results_dir"):
-        cfg.results_dir = "results/demo"
+        from .checkpoint import list_checkpoints
+
+        cfg.results_dir, n = "results/demo", 1
+        while not cfg.resume and list_checkpoints(Path(cfg.results_dir) / "checkpoints"):
+            n += 1  # a rerun keeps the earlier demo: results/demo-2, -3, ...
+            cfg.results_dir = f"results/demo-{n}"
     t0 = time.time()
     out = train(cfg, progress=not args.no_progress)
     results = Path(cfg.results_dir)
@@ -446,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["npz", "png"],
                    help="with --num-fid-samples: an ADM .npz (uint8 (N, H, W, 3) under arr_0, labels under arr_1; "
                         "default) or a folder of PNG files that 'evaluate --images' reads")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per forward and per .npz part (default 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per forward (grids too) and per .npz part (default 32, as Pipeline's batch_size)")
     p.add_argument("--class-labels", nargs="*", metavar="CLASS",
                    help="classes to sample, by index or name (e.g. 7 Sneaker 'Ankle boot'); default: one row per class")
     p.add_argument("--per-class", type=int,

@@ -144,17 +144,18 @@ class Config:
                         "--moe-aux-alpha must be > 0 for DiffMoE: it trains the capacity predictor that sizes "
                         "sampling"),
                        (self.moe_scope in ("batch", "sample"), f"--moe-scope must be batch or sample, got {self.moe_scope!r}")]
-            # an option the chosen routing ignores is a mistake, not a no-op (EC-MoE's capacity is moe_top_k)
-            default = {f.name: f.default for f in dataclasses.fields(self)}
-            for name in ignored_options(self.model):
-                if getattr(self, name) != default[name]:
-                    other = {"moe_capacity_factor": "TC-MoE", "moe_aux_alpha": "TC-MoE and DiffMoE",
-                             "moe_scope": "EC-MoE"}[name]
-                    hint = (f" ({self.model.rsplit('-', 1)[0]}'s capacity factor, the mean experts per token, is "
-                            "--moe-top-k)" if name == "moe_capacity_factor" else
-                            " (DiffMoE's pool is always the batch)" if self.model.startswith("DiffMoE") else "")
-                    checks.append((False, f"--{name.replace('_', '-')} applies to {other} only; {self.model} ignores "
-                                          f"it{hint}: leave it at its default {default[name]!r}"))
+        # an option the chosen routing ignores is a mistake, not a no-op (EC-MoE's capacity is moe_top_k)
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        variant = self.model.rsplit("-", 1)[0] if isinstance(self.model, str) else ""
+        for name in ignored_options(self.model):
+            if getattr(self, name) != default[name]:
+                hint = ""
+                if name == "moe_capacity_factor" and variant in ("EC-MoE", "DiffMoE"):
+                    hint = f" ({variant}'s capacity factor, the mean experts per token, is --moe-top-k)"
+                elif name == "moe_scope" and variant == "DiffMoE":
+                    hint = " (DiffMoE's pool is always the batch)"
+                checks.append((False, f"--{name.replace('_', '-')} applies to {OPTION_OWNERS[name]} only; {self.model} "
+                                      f"ignores it{hint}: leave it at its default {default[name]!r}"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -359,15 +360,28 @@ def resumed_run_config(args: argparse.Namespace) -> dict | None:
     return _checked_record(saved, path)
 
 
+SWITCH_OPTIONS = ("num_experts", "top_k", "lambda_dp", "prior_alpha", "mask_form")  # Switch-DiT's router and prior
+DTR_OPTIONS = ("dtr_alpha", "dtr_beta")
+MOE_OPTIONS = ("moe_experts", "moe_top_k", "moe_shared", "moe_capacity_factor", "moe_aux_alpha", "moe_scope")
+# which variant each option applies to, for the refusal message
+OPTION_OWNERS = {**dict.fromkeys(SWITCH_OPTIONS, "Switch-DiT"), **dict.fromkeys(DTR_OPTIONS, "DTR"),
+                 **dict.fromkeys(MOE_OPTIONS, "TC-MoE, EC-MoE and DiffMoE"), "moe_capacity_factor": "TC-MoE",
+                 "moe_aux_alpha": "TC-MoE and DiffMoE", "moe_scope": "EC-MoE"}
+
+
 def ignored_options(model) -> tuple:
     """The options a model's routing ignores (refused when given; reset to their defaults in a recorded config)."""
     if not isinstance(model, str):
         return ()
-    if model.startswith("EC-MoE"):
-        return ("moe_capacity_factor", "moe_aux_alpha")
-    if model.startswith("DiffMoE"):
-        return ("moe_capacity_factor", "moe_scope")
-    return ("moe_scope",) if model.startswith("TC-MoE") else ()
+    variant = model.rsplit("-", 1)[0]
+    shared = (() if variant == "Switch-DiT" else SWITCH_OPTIONS) + (() if variant == "DTR" else DTR_OPTIONS)
+    if variant == "EC-MoE":
+        return shared + ("moe_capacity_factor", "moe_aux_alpha")
+    if variant == "DiffMoE":
+        return shared + ("moe_capacity_factor", "moe_scope")
+    if variant == "TC-MoE":
+        return shared + ("moe_scope",)
+    return shared + MOE_OPTIONS
 
 
 def drop_ignored(values: dict) -> dict:

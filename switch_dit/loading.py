@@ -218,6 +218,12 @@ def build_checked(cfg: Config, state: dict, path, num_classes: int | None = None
            and not torch.isfinite(v).all()]
     if bad:
         raise ckpt.CheckpointError(f"{path} has non-finite weights ({', '.join(bad[:3])}); use an earlier checkpoint")
+    # DiffMoE's thresholds are probabilities: outside [0, 1] an expert takes every token or none
+    odd = [k for k in want if k.endswith(".mlp.threshold") and state[k].is_floating_point()
+           and not bool(((state[k] >= 0) & (state[k] <= 1)).all())]
+    if odd:
+        raise ckpt.CheckpointError(f"{path}: {odd[0]} holds values outside [0, 1] where DiffMoE's thresholds are "
+                                   "probabilities; the file is damaged or edited: use another checkpoint")
     floats = [k for k, v in probe.state_dict().items() if v.is_floating_point() and not state[k].is_floating_point()]
     if floats:
         raise ckpt.CheckpointError(f"{path}: {floats[0]} holds {state[floats[0]].dtype} values where weights are "
@@ -411,7 +417,7 @@ def _refuse_recorded(cfg: Config, overrides: Config | None, given: set, path) ->
     from .config import ARCH_FIELDS  # what shapes the network; --model has its own message
 
     wrong = [f"{k}={getattr(overrides, k)!r} (the file records {getattr(cfg, k)!r})" for k in sorted(given)
-             if k in ARCH_FIELDS and k != "model" and getattr(overrides, k) != getattr(cfg, k)]
+             if (k in ARCH_FIELDS or k == "image_size") and k != "model" and getattr(overrides, k) != getattr(cfg, k)]
     if wrong:
         raise ckpt.CheckpointError(f"{path} records its options; {', '.join(wrong)} cannot change how it was "
                                    f"trained: leave {'them' if len(wrong) > 1 else 'it'} out")

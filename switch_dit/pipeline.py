@@ -76,8 +76,7 @@ class Pipeline:
         """Images for class_labels (indices or names; default: one of each class), as PIL images
         (output_type='pil') or one uint8 (N, H, W, C) array ('np'). Unset options are the model's defaults."""
         from .config import SAMPLERS
-        from .images import to_uint8
-        from .sample import decode, sample_latents, sampling_diffusion
+        from .sample import sample_batched
 
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -98,16 +97,7 @@ class Pipeline:
         cfg.validate()
         labels = list(range(self.model.num_classes)) if class_labels is None else [
             self.class_index(c) for c in (class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])]
-        diffusion = sampling_diffusion(cfg)
-        out = []
-        for s in range(0, len(labels), batch_size):
-            idx = range(s, min(len(labels), s + batch_size))
-            seeds = [cfg.global_seed * 1_000_003 + i for i in idx]
-            with torch.no_grad():
-                x = sample_latents(self.model, diffusion, cfg, torch.tensor([labels[i] for i in idx]), seeds,
-                                   self.device)
-                out.append(to_uint8(decode(x, self.vae)))
-        images = np.concatenate(out)
+        images = sample_batched(self.model, cfg, labels, cfg.global_seed, self.device, batch_size, self.vae)
         if output_type == "np":
             return images
         from PIL import Image

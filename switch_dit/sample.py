@@ -106,19 +106,41 @@ def decode(x: torch.Tensor, vae) -> torch.Tensor:
     return decode_latents(vae, x)
 
 
+def sample_batched(model: DiT, cfg: Config, labels: list[int], seed: int, device, batch_size: int | None = None,
+                   vae=None) -> np.ndarray:
+    """uint8 (N, H, W, C) images for labels, sample i from the seed seed * 1000003 + i, in forwards of batch_size
+    samples (None: one). Batching changes no sample except for the variants whose samples depend on their batch
+    (batch-scope EC-MoE, DiffMoE); the command line and Pipeline batch alike for that reason."""
+    if not labels:
+        raise ValueError("no class labels to sample: give at least one (an index or a class name)")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    step = batch_size or len(labels)
+    diffusion = sampling_diffusion(cfg)
+    out = []
+    for s in range(0, len(labels), step):
+        idx = range(s, min(len(labels), s + step))
+        with torch.no_grad():
+            x = sample_latents(model, diffusion, cfg, torch.tensor([labels[i] for i in idx]),
+                               [seed * 1_000_003 + i for i in idx], torch.device(device))
+            out.append(to_uint8(decode(x, vae)))
+    return np.concatenate(out)
+
+
 def class_grid(model: DiT, cfg: Config, num_classes: int, per_class: int = 8, seed: int = 0, device=None,
-               vae=None) -> np.ndarray:
+               vae=None, batch_size: int | None = None) -> np.ndarray:
     """One row per class (at most 10 rows), per_class samples each, as a uint8 grid (H, W, C); an
-    unconditional model (one class) fills per_class rows."""
+    unconditional model (one class) fills per_class rows. batch_size: samples per forward (None: all)."""
     device = device or next(model.parameters()).device
     classes = list(range(min(num_classes, 10))) if num_classes > 1 else [0] * per_class
-    labels = torch.tensor([c for c in classes for _ in range(per_class)])
-    seeds = [seed * 1_000_003 + i for i in range(len(labels))]
+    labels = [c for c in classes for _ in range(per_class)]
     was_training = model.training
     model.eval()
-    x = sample_latents(model, sampling_diffusion(cfg), cfg, labels, seeds, torch.device(device))
-    model.train(was_training)
-    return make_grid(to_uint8(decode(x, vae)), nrow=per_class)
+    try:
+        images = sample_batched(model, cfg, labels, seed, device, batch_size, vae)
+    finally:
+        model.train(was_training)
+    return make_grid(images, nrow=per_class)
 
 
 def sample_images(model: DiT, cfg: Config, num_samples: int, device, vae=None, batch_size: int = 100,

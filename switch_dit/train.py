@@ -26,6 +26,7 @@ from .flow import FlowMatching
 from .factory import build_model, build_weighting
 from .integrations import RunLogger
 from .models.dit import DiT
+from .models.moe import calibrate_thresholds
 from .utils import dist as du
 
 
@@ -56,7 +57,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):  # state the model learns outside its weights (DiffMoE's
-        e.copy_(b)  # thresholds) follows the model; the other buffers are constants
+        e.copy_(b)  # thresholds) follows the model until calibrate_thresholds fits it to the EMA's own predictor
 
 
 def ema_decay_at(cfg: Config, step: int) -> float:
@@ -150,6 +151,10 @@ def train(cfg: Config, progress: bool = True) -> dict:
         if info.is_main:
             _check_results_dir(Path(cfg.results_dir))
             lock.acquire()  # one run per results folder
+            earlier = ckpt.list_checkpoints(Path(cfg.results_dir) / "checkpoints")
+            if earlier and not cfg.resume:  # a fresh run would overwrite its config and log and mix checkpoints
+                raise ValueError(f"results dir {cfg.results_dir} already holds a run (checkpoints up to "
+                                 f"{earlier[-1].name}): continue it with --resume auto, or choose a new --results-dir")
             ckpt.remove_stale_temp_files(Path(cfg.results_dir) / "checkpoints")  # left by a save killed midway
         return _train(cfg, info, progress)
     finally:
@@ -421,7 +426,13 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                                         it_s=f"{vals['steps_per_sec']:.2f}")
             if bar is not None:
                 bar.update(1)
-            if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            sampling = bool(cfg.sample_every) and (step % cfg.sample_every == 0 or step == cfg.max_steps)
+            if sampling or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                # DiffMoE: the EMA model's thresholds set for its own predictor, on this step's batch (every process)
+                plain = {k: v for k, v in kwargs.items() if k != "prior_target"}
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    calibrate_thresholds(ema, lambda m: diffusion.training_losses(m, x, t, plain, noise=noise))
+            if info.is_main and sampling:
                 _log_samples(ema, diffusion, cfg, dataset, logger, step, device)
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 check_loss(watch.read())  # no checkpoint holds weights updated from a non-finite loss

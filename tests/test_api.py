@@ -68,6 +68,40 @@ def test_pipeline_equals_the_command_line(run, tmp_path):
     assert r["kind"] == "timestep" and r["map"].shape == (1000, 18) and r["summary"]["num_blocks"] == 6
 
 
+def test_pipeline_equals_the_command_line_for_a_batch_dependent_model(tmp_path, monkeypatch):
+    """DiffMoE's samples depend on their batch: the command line's grids and Pipeline batch alike (32 by default, or
+    --batch-size / batch_size), so they still agree beyond one batch."""
+    import switch_dit.sample as sample_module
+    from switch_dit.images import make_grid
+
+    assert run_cli("train", *TINY, "--model", "DiffMoE-XS/2", "--max-steps", 2, "--ckpt-every", 2, "--results-dir",
+                   tmp_path / "run") == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    batches, real = [], sample_module.sample_latents
+    monkeypatch.setattr(sample_module, "sample_latents",
+                        lambda model, d, cfg, labels, *a: batches.append(len(labels)) or real(model, d, cfg, labels, *a))
+    labels = [i % 10 for i in range(40)]
+    pipe = switch_dit.Pipeline.from_pretrained(str(ckpt))
+    common = ["--num-sampling-steps", 2, "--global-seed", 1, "--scale", 1, "--no-row-names"]
+    for batch, want in ((None, [32, 8]), (40, [40]), (16, [16, 16, 8])):
+        out = tmp_path / f"cli{batch}.png"
+        batches.clear()
+        assert run_cli("sample", ckpt, "--class-labels", *labels, *common, "--out", out,
+                       *(["--batch-size", batch] if batch else [])) == 0
+        images = pipe(class_labels=labels, num_inference_steps=2, seed=1, output_type="np",
+                      **({"batch_size": batch} if batch else {}))
+        assert batches == want + want, batch
+        assert np.array_equal(np.asarray(Image.open(out))[..., None], make_grid(images, nrow=7)), batch
+    batches.clear()
+    assert run_cli("sample", ckpt, "--per-class", 5, *common, "--batch-size", 20, "--out", tmp_path / "g.png") == 0
+    assert batches == [20, 20, 10]  # the class grid too
+    for bad in ([], ()):
+        with pytest.raises(ValueError, match="no class labels to sample"):
+            pipe(class_labels=bad)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        pipe(class_labels=[1], batch_size=0)
+
+
 def test_class_names_on_the_command_line_and_per_class_rows(tmp_path):
     out = tmp_path / "g.png"
     assert run_cli("sample", "--pretrained", "fashion-mnist", "--class-labels", "Sneaker", "ankle boot",
@@ -144,6 +178,11 @@ def test_review_findings_stay_fixed(run, tmp_path, capsys):
     assert pipe(class_labels=[1], generator=torch.Generator(), output_type="np").shape == (1, 8, 8, 1)
     with pytest.raises(ValueError, match="top_k=1 .*records 2"):
         switch_dit.load(ckpt, top_k=1)
+    with pytest.raises(ValueError, match="image_size=16 .*records 8"):  # the file's own size, not ignored
+        switch_dit.load(ckpt, image_size=16)
+    assert switch_dit.load(ckpt, image_size=8).config.image_size == 8
+    assert run_cli("sample", ckpt, "--image-size", 7, "--out", tmp_path / "g7.png") == 2
+    assert "image_size=7 (the file records 8)" in capsys.readouterr().err
     # a model spec on --resume is the same model, not a clash
     out = tmp_path / "spec"
     spec = ["--model", "Switch-DiT-XS/2:lambda_dp=0.5", "--max-steps"]

@@ -42,3 +42,27 @@ def test_time_budget_chooses_the_step_count_that_fits(tmp_path, capsys):
     chosen = state["config"]["max_steps"]
     assert 25 <= chosen < 100000 and state["step"] == chosen
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == chosen
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys):
+    """train into a folder that holds a run's checkpoints is refused in one line (it would overwrite the config and
+    the log and mix two runs' checkpoints); --resume auto continues it. A rerun of the demo keeps the earlier demo
+    and writes results/demo-2."""
+    from tests.helpers import TINY
+
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", run) == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert run_cli("train", *TINY, "--max-steps", 1, "--results-dir", run) == 2
+    assert "already holds a run (checkpoints up to step_0000002.pt): continue it with --resume auto" in \
+        capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+    assert run_cli("train", *TINY, "--max-steps", 3, "--ckpt-every", 3, "--results-dir", run, "--resume", "auto") == 0
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "results" / "demo" / "checkpoints"
+    old.mkdir(parents=True)
+    (old / "step_0000007.pt").write_bytes(b"an earlier demo")
+    assert run_cli("demo", *TINY, "--max-steps", 2, "--num-sampling-steps", 2) == 0
+    assert (old / "step_0000007.pt").read_bytes() == b"an earlier demo" and len(list(old.iterdir())) == 1
+    assert (tmp_path / "results" / "demo-2" / "checkpoints" / "step_0000002.pt").is_file()
+    assert "results/demo-2/samples_grid.png" in capsys.readouterr().out

@@ -177,6 +177,9 @@ def test_parameter_counts_match_the_paper():
     (dict(name="DiT-S/4", input_size=30), "input_size=30"),
     (dict(name="DTR-S/2", dtr_beta=1.5), "dtr_beta"),
     (dict(name="DiT-S/2", num_classes=0), "num_classes"),
+    (dict(name="DiffMoE-S/2", moe_experts=0), "moe_experts must be >= 1"),
+    (dict(name="EC-MoE-S/2", moe_experts=2.0), "moe_experts must be an integer, got 2.0"),
+    (dict(name="Switch-DiT-S/2", top_k=True), "top_k must be an integer"),
 ])
 def test_bad_options_raise_value_error_naming_the_option(kwargs, match):
     name = kwargs.pop("name")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from switch_dit import create_model
-from switch_dit.models.moe import (CapacityPredictorMoE, ExpertChoiceMoE, TokenChoiceMoE, reference_expert_choice,
+from switch_dit.models.moe import (CapacityPredictorMoE, calibrate_thresholds, ExpertChoiceMoE, TokenChoiceMoE, reference_expert_choice,
                                    reference_predicted_capacity, reference_token_choice)
 from tests.helpers import TINY, load_state, run_cli
 
@@ -208,6 +208,87 @@ def test_diffmoe_trains_as_batch_expert_choice_with_its_predictor_loss_and_thres
     assert grads[1].abs().sum() > 0 and (grads[2] is None or grads[2].abs().sum() == 0)
 
 
+def test_a_diffmoe_threshold_starts_at_its_first_quantile():
+    """A fresh threshold (0) is set to the first batch's C-th predicted probability, not 5% of it: an untrained or
+    briefly trained model does not send every token to every expert."""
+    torch.manual_seed(0)
+    moe = CapacityPredictorMoE(16, 4, 2.0, 1).train()
+    x = torch.randn(2, 8, 16)
+    moe(x)
+    p = torch.sigmoid(moe.predictor(x.reshape(-1, 16))).detach()
+    torch.testing.assert_close(moe.threshold, p.sort(dim=0, descending=True).values[moe.capacity(16) - 1])
+
+
+def test_calibration_fits_the_thresholds_to_the_models_own_predictor_and_changes_nothing_else():
+    """calibrate_thresholds: each threshold becomes the model's own C-th highest predicted probability on the batch
+    routed as in training (no EMA lag); no counters move, no random numbers are drawn, the mode is restored; a model
+    without DiffMoE layers is left alone."""
+    torch.manual_seed(0)
+    model = create_model("DiffMoE-XS/4", input_size=8, in_channels=1, num_classes=10).train()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([3, 250, 600, 999]), torch.tensor([0, 1, 2, 3])
+    inputs, quantiles = [], []
+    hooks = [m.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach())) for m in model.mixtures]
+    with torch.no_grad():
+        model.eval()  # the reference: training routing, eval-mode label embedding (no dropout)
+        for m in model.mixtures:
+            m.calibrating = True
+        model(x, t, y)
+        for m in model.mixtures:
+            m.calibrating = False
+    for h in hooks:
+        h.remove()
+    for m, h in zip(model.mixtures, inputs):
+        p = torch.sigmoid(m.predictor(h.reshape(-1, h.shape[-1])))
+        quantiles.append(p.sort(dim=0, descending=True).values[m.capacity(h.shape[0] * h.shape[1]) - 1])
+    for m in model.mixtures:
+        m.threshold.fill_(0.9)
+        m.pop_stats()
+    model.train()
+    state = torch.random.get_rng_state()
+    assert calibrate_thresholds(model, lambda m: m(x, t, y))
+    assert model.training and torch.equal(torch.random.get_rng_state(), state)
+    for m, q in zip(model.mixtures, quantiles):
+        torch.testing.assert_close(m.threshold, q, rtol=1e-6, atol=1e-7)
+        assert m.pop_stats().sum() == 0 and not m.calibrating
+    dit = create_model("DiT-XS/4", input_size=8, in_channels=1, num_classes=10)
+    assert not calibrate_thresholds(dit, lambda m: pytest.fail("ran a model without thresholds"))
+
+
+def test_the_ema_model_samples_with_thresholds_fitted_to_its_own_predictor(tmp_path):
+    """With a long EMA horizon the EMA's predictor is far from the model's: thresholds copied from the model would
+    send each token to about 4 of 8 experts instead of 2. The trainer calibrates the EMA's thresholds before each
+    checkpoint, so the checkpoint's EMA routes about moe_capacity_factor experts per token."""
+    from switch_dit.config import Config
+    from switch_dit.train import train
+
+    cfg = Config(model="DiffMoE-XS/2", data="digits", image_size=8, global_batch_size=16, lr=1e-3, max_steps=40,
+                 ckpt_every=40, log_every=10, tensorboard=False, results_dir=str(tmp_path), device="cpu",
+                 objective="flow", ema_decay=0.9999, ema_warmup=False)
+    out = train(cfg, progress=False)
+    model, ema = out["model"].eval(), out["ema"].eval()
+    state = load_state(tmp_path / "checkpoints" / "step_0000040.pt")
+    ema_thr = torch.stack([v for k, v in state["ema"].items() if k.endswith(".mlp.threshold")])
+    model_thr = torch.stack([v for k, v in state["model"].items() if k.endswith(".mlp.threshold")])
+    torch.testing.assert_close(ema_thr, torch.stack([m.threshold for m in ema.mixtures]))
+    assert (ema_thr - model_thr).abs().max() > 0.05  # fitted to another predictor
+
+    def routed(net, thresholds=None):
+        if thresholds is not None:
+            for m, thr in zip(net.mixtures, thresholds):
+                m.threshold.copy_(thr)
+        torch.manual_seed(5)
+        x0 = torch.randn(32, 1, 8, 8)
+        for m in net.mixtures:
+            m.pop_stats()
+        with torch.no_grad():
+            net(x0, torch.rand(32) * 1000, torch.randint(0, 10, (32,)))
+        s = torch.stack([m.pop_stats() for m in net.mixtures]).sum(0)
+        return (s[1] / s[0]).item()
+
+    assert abs(routed(ema) - 2.0) < 0.5 and abs(routed(model) - 2.0) < 0.5
+    assert routed(ema, model_thr) > 3.0  # what the copied thresholds did
+
+
 @pytest.mark.parametrize("name", ["TC-MoE-XS/4", "EC-MoE-XS/4", "DiffMoE-XS/4"])
 def test_counters_and_thresholds_move_once_a_step_with_activation_checkpointing(name):
     """Checkpointing recomputes a block's forward during backward: the routing counters (logged fractions) and
@@ -372,6 +453,20 @@ def test_an_option_the_routing_ignores_is_refused():
         create_model("DiffMoE-XS/4", input_size=8, in_channels=1, moe_aux_alpha=-1.0)
     with pytest.raises(ValueError, match="moe-aux-alpha must be > 0 for DiffMoE"):
         Config(model="DiffMoE-XS/4", moe_aux_alpha=0.0).validate()
+    # every variant refuses the options of the others' routing (Switch-DiT's, DTR's, the mixtures')
+    for model, option, value, owner in [("DiffMoE-XS/4", "num_experts", 5, "Switch-DiT"),
+                                        ("TC-MoE-XS/4", "lambda_dp", 0.5, "Switch-DiT"),
+                                        ("EC-MoE-XS/4", "mask_form", "paper", "Switch-DiT"),
+                                        ("DiT-XS/4", "moe_aux_alpha", 0.5, "TC-MoE and DiffMoE"),
+                                        ("DiT-XS/4", "top_k", 1, "Switch-DiT"),
+                                        ("Switch-DiT-XS/4", "moe_experts", 3, "TC-MoE, EC-MoE and DiffMoE"),
+                                        ("Switch-DiT-XS/4", "dtr_alpha", 2.0, "DTR"),
+                                        ("DTR-XS/4", "prior_alpha", 2.0, "Switch-DiT")]:
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} applies to {owner} only; {model} "
+                                             "ignores it: leave it at its default"):
+            Config(model=model, **{option: value}).validate()
+    Config(model="Switch-DiT-XS/4", num_experts=4, top_k=1, lambda_dp=0.0, mask_form="paper").validate()
+    Config(model="DTR-XS/4", dtr_alpha=2.0, dtr_beta=0.5).validate()
 
 
 def test_a_diffmoe_checkpoint_is_told_apart_from_the_other_mixtures():
@@ -389,6 +484,10 @@ def test_a_diffmoe_checkpoint_is_told_apart_from_the_other_mixtures():
         build_checked(Config(model="DiffMoE-XS/4", image_size=16), ec, "x.pt", 10, check_only=True)
     build_checked(Config(model="DiffMoE-XS/4", image_size=16), diff, "x.pt", 10, check_only=True)
     assert _name_from_tensors(diff, "x.pt", "DiT") == "DiffMoE-XS/4"
+    for bad in (5.0, -0.1):  # thresholds are probabilities: every expert would take no token, or every token
+        edited = {**diff, "blocks.2.mlp.threshold": torch.full((8,), bad)}
+        with pytest.raises(CheckpointError, match=r"blocks.2.mlp.threshold holds values outside \[0, 1\]"):
+            build_checked(Config(model="DiffMoE-XS/4", image_size=16), edited, "x.pt", 10, check_only=True)
 
 
 def test_token_choice_sampling_flops_are_counted_as_computed():
@@ -446,10 +545,10 @@ def test_resume_is_exact_and_every_sampler_runs(tmp_path, model):
     assert "train/moe_dropped_slots" in logged and 0 <= logged["train/moe_dropped_slots"] <= 1
     assert ("train/balance_loss" in logged) == model.startswith("TC")
     assert ("train/predictor_loss" in logged) == model.startswith("DiffMoE")
-    if model.startswith("DiffMoE"):  # the EMA model samples with the thresholds the model learned
+    if model.startswith("DiffMoE"):  # the EMA model samples with thresholds fitted to its own predictor
         thresholds = [k for k in sa["model"] if k.endswith(".mlp.threshold")]
-        assert len(thresholds) == 6 and all(torch.equal(sa["ema"][k], sa["model"][k]) for k in thresholds)
-        assert all(sa["model"][k].min() > 0 for k in thresholds)
+        assert len(thresholds) == 6 and not all(torch.equal(sa["ema"][k], sa["model"][k]) for k in thresholds)
+        assert all(sa[key][k].min() > 0 for k in thresholds for key in ("model", "ema"))
     for sampler in ("ddpm", "ddim", "dpm++"):
         out = tmp_path / f"{sampler}.png"
         assert run_cli("sample", a / "checkpoints" / "step_0000004.pt", "--sampler", sampler,

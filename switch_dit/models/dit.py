@@ -1,6 +1,7 @@
 """The DiT backbone (Peebles & Xie, 2023) with an optional router per block: DiT, DTR and Switch-DiT."""
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -267,6 +268,12 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
         raise ValueError(f"num_classes must be >= 1 (use 1 for unconditional data), got {num_classes}")
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+    for option, value in (("num_experts", num_experts), ("top_k", top_k), ("moe_experts", moe_experts),
+                          ("moe_top_k", moe_top_k), ("moe_shared", moe_shared)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{option} must be an integer, got {value!r}")
+    if variant in MIXTURES and moe_experts < 1:
+        raise ValueError(f"moe_experts must be >= 1, got {moe_experts}")
     router_factory, prior = None, None
     if variant == "Switch-DiT":
         if num_experts < 1:

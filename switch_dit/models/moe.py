@@ -111,6 +111,7 @@ class TokenMixture(nn.Module):
         # no routed expert]
         self.register_buffer("stats", torch.zeros(4), persistent=False)
         self.record = False  # analysis: keep the last forward's (tokens, E) 0/1 assignment in ``last_assign``
+        self.calibrating = False  # DiffMoE: calibrate_thresholds' no-grad pass (training routing, nothing counted)
         self.last_assign: torch.Tensor | None = None
         # True: the static-shape dispatch torch.compile traces (and FLOP counting on 'meta' runs), also eagerly
         self.static_dispatch = False
@@ -314,7 +315,7 @@ class ExpertChoiceMoE(TokenMixture):
 
     def _count_routing(self, T: int, token: torch.Tensor, expert: torch.Tensor) -> None:
         """Counters and the recorded assignment from the routed (token, expert) pairs."""
-        if not _recomputing():
+        if not _recomputing() and not self.calibrating:
             hits = _count(token, T)
             self.stats[0] += T  # python scalars, no host-to-device copy
             self.stats[1] += token.numel()
@@ -337,8 +338,10 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
     above its threshold, the ones of highest affinity, as DiffMoE's inference: compute follows the predicted need,
     so a sampling step's cost depends on its timestep, and a sample still depends on its batch (top-k within it).
     Eagerly that reads the E counts on the host; under torch.compile (static shapes) every expert computes every
-    token and the unpicked ones get weight 0 (the same picks, exact ties in affinity aside). The EMA model samples
-    with the model's thresholds (train.update_ema copies buffers) and its own averaged predictor."""
+    token and the unpicked ones get weight 0 (the same picks, exact ties in affinity aside). A threshold starts at
+    its first quantile (not an EMA rising from 0). The EMA model has its own averaged predictor, so thresholds
+    tracked for the model's predictor do not fit it: the trainer sets its thresholds with calibrate_thresholds
+    before every checkpoint and sample grid."""
 
     kind = "expert-choice, predicted capacity"
 
@@ -373,12 +376,14 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
         T, E = B * L, self.num_experts
         xt = x.reshape(T, D)
         logits = self.predict(xt)
-        if not self.training:
+        if not (self.training or self.calibrating):
             return self._finish(xt, self._route_predicted(xt, logits)).view(B, L, D), None
         y, index = self._route(xt, L)
-        picked = self._assignment(T, index.reshape(-1),
-                                  torch.arange(E, device=x.device).repeat_interleave(index.shape[1]))
-        aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked)
+        aux = None
+        if self.training:
+            picked = self._assignment(T, index.reshape(-1),
+                                      torch.arange(E, device=x.device).repeat_interleave(index.shape[1]))
+            aux = self.aux_alpha * F.binary_cross_entropy_with_logits(logits, picked)
         with torch.no_grad():
             # the C-th highest predicted probability of each expert: where its threshold should sit (once a step:
             # not again when activation checkpointing recomputes this forward during backward)
@@ -387,7 +392,11 @@ class CapacityPredictorMoE(ExpertChoiceMoE):
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     torch.distributed.all_reduce(quantile)
                     quantile /= torch.distributed.get_world_size()
-                self.threshold.lerp_(quantile, 1.0 - self.threshold_decay)
+                if self.calibrating:
+                    self.threshold.copy_(quantile)
+                else:  # a threshold still at its initial 0 starts at the quantile (no slow rise from 0)
+                    self.threshold.copy_(torch.where(self.threshold == 0, quantile,
+                                                     self.threshold.lerp(quantile, 1.0 - self.threshold_decay)))
         return self._finish(xt, y).view(B, L, D), aux
 
     def _route_predicted(self, xt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -447,6 +456,29 @@ def reference_expert_choice(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tens
             i = i + g * pool
             y[i] += a[:, None].to(x.dtype) * moe.experts.reference(xt[i], e)
     return moe._finish(xt, y).view(B, L, D)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, forward) -> bool:
+    """Set every DiffMoE threshold of ``model`` to its own predictor's C-th highest predicted probability on one
+    batch routed as in training (expert choice over the batch's pool), averaged over processes under DDP: the
+    thresholds the model would track if it trained on this batch, without the EMA's lag. forward(model) runs the
+    batch once, in eval mode (no label dropout, no RNG drawn, no counters moved). Returns False, running nothing,
+    when the model has no DiffMoE layer. Under DDP every process must call it (the quantiles are all-reduced)."""
+    layers = [m for m in model.modules() if isinstance(m, CapacityPredictorMoE)]
+    if not layers:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        for m in layers:
+            m.calibrating = True
+        forward(model)
+    finally:
+        for m in layers:
+            m.calibrating = False
+        model.train(was_training)
+    return True
 
 
 def reference_predicted_capacity(moe: CapacityPredictorMoE, x: torch.Tensor) -> torch.Tensor:
