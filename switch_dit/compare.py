@@ -654,9 +654,9 @@ def _sampling_cost(runs: dict) -> str:
     return (" " + "; ".join(parts) + ".") if parts else ""
 
 
-def _pr_note(pr_kinds: dict) -> str:
-    """The report header's sentence on which features precision and recall used, when not all the current ones."""
-    kinds = set().union(*pr_kinds.values()) if pr_kinds else set()
+def _pr_note(kinds: set) -> str:
+    """The report header's sentence on which features precision and recall used (kinds: those in the report), when
+    not all the current ones."""
     old = ("the classifier's 128-d penultimate features (these evaluations predate the switch to its 2048-d "
            "convolutional features, which keep noise out of the data manifold)")
     if kinds == {"penultimate"}:
@@ -690,6 +690,7 @@ def write_report(results: dict, out: Path) -> Path:
     agg = _aggregate(results)
     agg = {v: agg[v] for v in labels if v in agg}
     pr_kinds = _pr_kinds(results)
+    all_kinds = set().union(*pr_kinds.values())
     runs = results["runs"]
     info = {}
     for rec in runs.values():
@@ -784,7 +785,7 @@ def write_report(results: dict, out: Path) -> Path:
              "matters only for expert choice over the batch) scored with the bundled Fashion-MNIST classifier's "
              f"features against {ref_set['num']:,} images of the {ref_set['split']} split of the training data. "
              "These numbers are not comparable with Inception-based FID/IS. ± is the sample standard deviation over "
-             "seeds (ddof = 1)." + _pr_note(pr_kinds), "",
+             "seeds (ddof = 1)." + _pr_note(all_kinds), "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Seeds {[x for x in asked if x not in seeds]} of the command are not finished yet and are left out; "
                 "rerunning the command resumes them.", ""] if set(asked) - set(seeds) and not partial else []),
@@ -805,7 +806,7 @@ def write_report(results: dict, out: Path) -> Path:
              "does not reach left out); GFLOPs count the active experts." + _sampling_cost(runs), "",
              "| model | params (M) | active params (M) | GFLOPs | step | FID | IS | precision | recall | wall-clock train "
              "time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    mark_old = len(set().union(*pr_kinds.values())) > 1  # both kinds in one table: the older ones marked
+    mark_old = len(all_kinds) > 1  # both kinds in one table: the older ones marked
     for v, steps in agg.items():
         for s, m in steps.items():
             fmt = (lambda key, d=2: "mixed features" if np.isnan(m[key][0]) else

@@ -209,15 +209,14 @@ class TokenChoiceMoE(TokenMixture):
             aux = self.aux_alpha * (f * probs.mean(0)).sum()
         with torch.no_grad():
             # python numbers enter as kernel scalars: no host-to-device copy (which would sync a CUDA stream)
-            if _recomputing():
-                pass
-            elif keep is None:
-                self.stats[0] += T
-                self.stats[1] += k * T
-            else:
-                dropped = (~keep).sum().float()
-                self.stats += torch.stack([torch.full_like(dropped, T), k * T - dropped, dropped,
-                                           (~keep.view(k, T)).all(0).sum().float()])
+            if not _recomputing():
+                if keep is None:
+                    self.stats[0] += T
+                    self.stats[1] += k * T
+                else:
+                    dropped = (~keep).sum().float()
+                    self.stats += torch.stack([torch.full_like(dropped, T), k * T - dropped, dropped,
+                                               (~keep.view(k, T)).all(0).sum().float()])
             if self.record:
                 assign = F.one_hot(choice, E).float()
                 if keep is not None:
