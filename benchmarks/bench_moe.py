@@ -7,8 +7,10 @@ For batch 64 at 16 and at 256 tokens a sample: forward + backward of the dense F
 (token choice, 8 experts, top-2 + 1 shared, capacity factor 1.25: the training setting; eager, each expert on
 exactly its tokens, and with the fixed (E, capacity) buffers that torch.compile runs) and EC-MoE (expert choice
 over the batch, capacity factor 2 + 1 shared), all with the same active parameters per token, and of the
-straightforward per-expert loops the tests check them against. Prints ms and the ratios MoE / dense (target
-<= 1.3 on a CPU) and loop / MoE; ``--out`` writes bench_moe.{json,md}.
+straightforward per-expert loops the tests check them against, and the mixture's matmuls alone (shared expert
+plus routed experts on balanced groups, and on groups padded to the busiest expert: the floor the routing adds
+to). Prints ms and the ratios MoE / dense (target <= 1.3 on a CPU) and loop / MoE; ``--out`` writes
+bench_moe.{json,md}.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ from switch_dit.models.moe import (ExpertChoiceMoE, TokenChoiceMoE, reference_ex
                                    reference_token_choice)
 
 
-def _fwd_bwd(fn, x, grad):
+def _fwd_bwd(fn, x, grad, params=()):
     def run():
         x.grad = None
+        for p in params:  # as a training step's zero_grad(set_to_none=True): no gradient accumulation timed
+            p.grad = None
         fn(x).backward(grad)
     return run
 
@@ -53,29 +57,52 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
         finally:
             moe_module.LOOP_ROWS = saved
 
-    fns = {"dense FFN": _fwd_bwd(dense, x, grad),
-           "TC-MoE": _fwd_bwd(lambda v: tc(v)[0], x, grad),
-           "TC-MoE static buffers": _fwd_bwd(lambda v: tc_static(v)[0], x, grad),
-           "TC-MoE loop dispatch": _fwd_bwd(tc_loop, x, grad),
-           "EC-MoE": _fwd_bwd(lambda v: ec(v)[0], x, grad),
-           "TC-MoE loop": _fwd_bwd(lambda v: reference_token_choice(tc, v), x, grad),
-           "EC-MoE loop": _fwd_bwd(lambda v: reference_expert_choice(ec, v), x, grad)}
+    # The matmuls alone: the shared expert on every token plus the routed experts on (E, rows, D) buffers of
+    # balanced groups (k T / E rows each, the FLOP floor) or groups padded to the busiest expert (what TC-MoE's
+    # padded dispatch computes); the rest of TC-MoE's time is routing (gate, sort, gather, weighting, scatter).
+    with torch.no_grad():
+        routed = torch.bincount(tc.gate_probs(x.reshape(-1, dim)).topk(tc.top_k, dim=-1).indices.reshape(-1),
+                                minlength=tc.num_experts)
+    group_rows = {"balanced": tc.top_k * batch * tokens // tc.num_experts,
+                  "padded": min(int(routed.max()), tc.capacity(batch * tokens))}
+
+    def matmuls(n):
+        xs = torch.randn(batch * tokens, dim, device=device, requires_grad=True)
+        xe = torch.randn(tc.num_experts, n, dim, device=device, requires_grad=True)
+        gs, ge = torch.randn_like(xs), torch.randn_like(xe)
+
+        def run():
+            xs.grad = xe.grad = None
+            for p in params:
+                p.grad = None
+            torch.autograd.backward([tc.shared(xs), tc.experts(xe)], [gs, ge])
+        return run
+
+    params = [p for m in (dense, tc, tc_static, ec) for p in m.parameters()]
+    fns = {"dense FFN": _fwd_bwd(dense, x, grad, params),
+           "matmuls balanced": matmuls(group_rows["balanced"]),
+           "matmuls padded": matmuls(group_rows["padded"]),
+           "TC-MoE": _fwd_bwd(lambda v: tc(v)[0], x, grad, params),
+           "TC-MoE static buffers": _fwd_bwd(lambda v: tc_static(v)[0], x, grad, params),
+           "TC-MoE loop dispatch": _fwd_bwd(tc_loop, x, grad, params),
+           "EC-MoE": _fwd_bwd(lambda v: ec(v)[0], x, grad, params),
+           "TC-MoE loop": _fwd_bwd(lambda v: reference_token_choice(tc, v), x, grad, params),
+           "EC-MoE loop": _fwd_bwd(lambda v: reference_expert_choice(ec, v), x, grad, params)}
     times = interleaved_times(fns, reps, device)
     r = {k: statistics.median(v) for k, v in times.items()}
     active = {k: sum(p.numel() for p in m.parameters()) for k, m in (("dense FFN", dense),)}
     per_expert = sum(p[0].numel() for p in tc.experts.parameters())
     moe_active = sum(p.numel() for p in tc.parameters()) - (tc.num_experts - tc.top_k) * per_expert
     tc.pop_stats(), tc_static.pop_stats()
-    with torch.no_grad():  # how unevenly the (untrained) router splits this batch: the busiest expert / the mean
-        counts = torch.bincount(tc.gate_probs(x.reshape(-1, dim)).topk(tc.top_k, dim=-1).indices.reshape(-1),
-                                minlength=tc.num_experts)
-    busiest = (counts.max() * tc.num_experts / counts.sum()).item()
+    busiest = (routed.max() * tc.num_experts / routed.sum()).item()  # how unevenly the untrained router splits
     return {"batch": batch, "tokens": tokens, "dim": dim, "ms": {k: v * 1e3 for k, v in r.items()},
             "tc_busiest_expert_over_mean": busiest,
             "active_params": {"dense FFN": active["dense FFN"], "MoE": moe_active},
             **_ratios(times, {"TC-MoE / dense": ("TC-MoE", "dense FFN"), "EC-MoE / dense": ("EC-MoE", "dense FFN"),
                               "TC-MoE static buffers / dense": ("TC-MoE static buffers", "dense FFN"),
                               "TC-MoE loop dispatch / TC-MoE": ("TC-MoE loop dispatch", "TC-MoE"),
+                              "matmuls balanced / dense": ("matmuls balanced", "dense FFN"),
+                              "matmuls padded / dense": ("matmuls padded", "dense FFN"),
                               "TC loop / TC-MoE": ("TC-MoE loop", "TC-MoE"),
                               "EC loop / EC-MoE": ("EC-MoE loop", "EC-MoE")})}
 
@@ -121,6 +148,35 @@ def bench_steps(device, reps: int, size: str = "XS", patch: int = 4, image: int 
             "ratio_quartiles": q["ratio_quartiles"]}
 
 
+def write_outputs(out: Path, data: dict) -> None:
+    """bench_moe.json (everything measured) and bench_moe.md (its table), from one run's results."""
+    head, rows, steps = data["setup"], data["rows"], data["steps"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_moe.json").write_text(json.dumps(data, indent=1))
+    lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions; "
+             "ratios: the median of the ratio within each repetition (quartiles in brackets), so a ratio need not "
+             "equal the ratio of the ms columns. TC-MoE: eager dispatch (buffers as long as the busiest group "
+             "for small groups, else a loop over experts); loop dispatch: held to the loop. Matmuls alone: "
+             "the shared expert and the routed experts on groups of k T / E rows (balanced) or as long as the "
+             "busiest group (padded), without routing; TC-MoE's time above them is the routing.",
+             "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
+             "| TC-MoE static buffers / dense | TC-MoE loop dispatch / TC-MoE | TC loop / TC-MoE "
+             "| EC loop / EC-MoE | matmuls alone, balanced / dense | matmuls alone, padded / dense |",
+             "|---" * 12 + "|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {r['batch']} x {r['tokens']} | {ms['dense FFN']:.1f} | {ms['TC-MoE']:.1f} | "
+                     f"{ms['EC-MoE']:.1f} | {_q(r, 'TC-MoE / dense')} | {_q(r, 'EC-MoE / dense')} | "
+                     f"{_q(r, 'TC-MoE static buffers / dense')} | {_q(r, 'TC-MoE loop dispatch / TC-MoE')} | "
+                     f"{_q(r, 'TC loop / TC-MoE')} | {_q(r, 'EC loop / EC-MoE')} | "
+                     f"{_q(r, 'matmuls balanced / dense')} | {_q(r, 'matmuls padded / dense')} |")
+    if steps:
+        lines += ["", f"Whole training steps ({steps['setting']}):", "", "| model | ms / step | / DiT |",
+                  "|---|---|---|"] + [f"| {k} | {v:.1f} | {_q(steps, k, 'ratio_to_dit')} |"
+                                      for k, v in steps["ms"].items()]
+    (out / "bench_moe.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,27 +205,7 @@ def main(argv=None) -> list[dict]:
         print(f"training step ({steps['setting']}): " + ", ".join(
             f"{k} {v:.1f} ms ({_q(steps, k, 'ratio_to_dit')}x DiT)" for k, v in steps["ms"].items()))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_moe.json").write_text(json.dumps({"setup": head, "rows": rows, "steps": steps}, indent=1))
-        lines = [f"`python benchmarks/bench_moe.py` ({head}); forward + backward, medians of interleaved repetitions; "
-                 "ratios: the median of the ratio within each repetition (quartiles in brackets), so a ratio need not "
-                 "equal the ratio of the ms columns. TC-MoE: eager dispatch (buffers as long as the busiest group "
-                 "for small groups, else a loop over experts); loop dispatch: held to the loop.",
-                 "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
-                 "| TC-MoE static buffers / dense | TC-MoE loop dispatch / TC-MoE | TC loop / TC-MoE "
-                 "| EC loop / EC-MoE |", "|---" * 10 + "|"]
-        for r in rows:
-            ms, ra = r["ms"], r["ratios"]
-            lines.append(f"| {r['batch']} x {r['tokens']} | {ms['dense FFN']:.1f} | {ms['TC-MoE']:.1f} | "
-                         f"{ms['EC-MoE']:.1f} | {_q(r, 'TC-MoE / dense')} | {_q(r, 'EC-MoE / dense')} | "
-                         f"{_q(r, 'TC-MoE static buffers / dense')} | {_q(r, 'TC-MoE loop dispatch / TC-MoE')} | "
-                         f"{_q(r, 'TC loop / TC-MoE')} | {_q(r, 'EC loop / EC-MoE')} |")
-        if steps:
-            lines += ["", f"Whole training steps ({steps['setting']}):", "", "| model | ms / step | / DiT |",
-                      "|---|---|---|"] + [f"| {k} | {v:.1f} | {_q(steps, k, 'ratio_to_dit')} |"
-                                          for k, v in steps["ms"].items()]
-        (out / "bench_moe.md").write_text("\n".join(lines) + "\n")
+        write_outputs(Path(args.out), {"setup": head, "rows": rows, "steps": steps})
     return rows
 
 

@@ -197,7 +197,8 @@ def moe_table() -> str:
 def bench_moe_table() -> str:
     d = json.loads((ROOT / "benchmarks" / "results" / "bench_moe.json").read_text())
     lines = ["| batch x tokens | TC-MoE / dense FFN | TC-MoE static buffers / dense | EC-MoE / dense FFN | target | "
-             "TC-MoE's busiest expert / mean | TC-MoE held to the loop / TC-MoE |", "|---|---|---|---|---|---|---|"]
+             "TC-MoE's busiest expert / mean | TC-MoE held to the loop / TC-MoE | matmuls alone, balanced / dense "
+             "| matmuls alone, padded / dense |", "|---|---|---|---|---|---|---|---|---|"]
     def cell(res, name, key="ratios"):
         lo, hi = res["ratio_quartiles"][name]
         return f"{res[key][name]:.2f} ({lo:.2f}-{hi:.2f})"
@@ -205,7 +206,9 @@ def bench_moe_table() -> str:
     for r in d["rows"]:
         lines.append(f"| {r['batch']} x {r['tokens']} | {cell(r, 'TC-MoE / dense')} | "
                      f"{cell(r, 'TC-MoE static buffers / dense')} | {cell(r, 'EC-MoE / dense')} | <= 1.3 | "
-                     f"{r['tc_busiest_expert_over_mean']:.2f} | {cell(r, 'TC-MoE loop dispatch / TC-MoE')} |")
+                     f"{r['tc_busiest_expert_over_mean']:.2f} | {cell(r, 'TC-MoE loop dispatch / TC-MoE')} | "
+                     + (f"{cell(r, 'matmuls balanced / dense')} | {cell(r, 'matmuls padded / dense')} |"
+                        if "matmuls balanced / dense" in r["ratios"] else "not measured | not measured |"))
     lines += ["", "Each cell: the median over repetitions of the time ratio within one repetition (quartiles in "
               "brackets)."]
     steps = d.get("steps")

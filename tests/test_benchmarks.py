@@ -96,6 +96,7 @@ def test_bench_moe_runs_and_writes_its_table(tmp_path):
                            "--out", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["active_params"]["MoE"] > 0
     assert set(rows[0]["ratios"]) == {"TC-MoE / dense", "EC-MoE / dense", "TC-MoE static buffers / dense", "TC-MoE loop dispatch / TC-MoE",
-                                      "TC loop / TC-MoE", "EC loop / EC-MoE"}
+                                      "TC loop / TC-MoE", "EC loop / EC-MoE", "matmuls balanced / dense",
+                                      "matmuls padded / dense"}
     table = (tmp_path / "bench_moe.md").read_text()
     assert "| 4 x 16 |" in table and "| TC-MoE |" in table.split("Whole training steps")[1]
