@@ -647,6 +647,68 @@ def test_diffmoe_thresholds_are_averaged_over_processes(tmp_path):
         torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-7)
 
 
+def _tc_shard_loss(model, rank):
+    """TC-MoE's training loss on process `rank`'s own shard (fixed inputs): the output's MSE to a target plus the
+    balance loss, with the default capacity 1.25 dropping slots of this shard only."""
+    g = torch.Generator().manual_seed(100 + rank)
+    x, target = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t, y = torch.randint(0, 1000, (4,), generator=g).float(), torch.randint(0, 10, (4,), generator=g)
+    out = model(x, t, y)
+    return ((out.sample - target) ** 2).mean() + out.aux_loss
+
+
+def _tc_model():
+    torch.manual_seed(0)
+    model = create_model("TC-MoE-XS/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
+    with torch.no_grad():  # adaLN-Zero starts every block at the identity: open it so the mixtures get gradients
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model.train()
+
+
+def _tc_ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from tests.helpers import dist_env
+
+    dist_env(rank, world, port)
+    dist.init_process_group("gloo")
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(_tc_model())
+        _tc_shard_loss(ddp, rank).backward()
+        stats = [m.pop_stats() for m in ddp.module.modules() if isinstance(m, TokenChoiceMoE)]
+        torch.save({"grads": {n: p.grad for n, p in ddp.module.named_parameters()}, "stats": stats},
+                   f"{out}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tc_moe_default_under_ddp_averages_each_process_own_routing(tmp_path):
+    """TC-MoE's default training (capacity 1.25, balance loss) is batch-coupled: each process routes, drops and
+    balances its own shard. Under DDP every process must end with the mean of the shards' gradients, each computed
+    as one process would, every parameter included (an expert without tokens still takes part in the reduction)."""
+    from tests.helpers import run_processes
+
+    run_processes(_tc_ddp_worker, 2, str(tmp_path))
+    got = [torch.load(tmp_path / f"grads{r}.pt") for r in range(2)]
+    want, stats = {}, []
+    for rank in range(2):
+        model = _tc_model()
+        _tc_shard_loss(model, rank).backward()
+        stats.append([m.pop_stats() for m in model.modules() if isinstance(m, TokenChoiceMoE)])
+        for n, p in model.named_parameters():
+            want[n] = want.get(n, 0) + p.grad / 2
+    assert any(float(s[2]) > 0 for per_rank in stats for s in per_rank)  # some slots were dropped: capacity binds
+    assert any(want[n].abs().max() > 0 for n in want if ".mlp.experts." in n)
+    for rank in range(2):
+        assert set(got[rank]["grads"]) == set(want)
+        for n, g in got[rank]["grads"].items():
+            torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-6, msg=n)
+        for a, b in zip(got[rank]["stats"], stats[rank]):  # each process counted its own shard's routing
+            torch.testing.assert_close(a, b)
+
+
 def test_diffmoe_trains_under_ddp(tmp_path):
     """DiffMoE is batch-coupled (each process pools its own batch), so two processes do not equal one; they must still
     train (the predictor is used every step: no unused parameters) and checkpoint moved thresholds."""
