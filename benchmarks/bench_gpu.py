@@ -28,6 +28,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_switch import checked_args, positive_int  # noqa: E402
 from switch_dit import create_diffusion, create_model  # noqa: E402
 from switch_dit.config import Config  # noqa: E402
 from switch_dit.sample import sample_latents, sampling_diffusion  # noqa: E402
@@ -258,12 +260,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="small sizes (the CPU check in CI)")
-    ap.add_argument("--batch", type=int, default=256, help="training batch (halved on out-of-memory)")
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    ap.add_argument("--batch", type=positive_int, default=256, help="training batch (halved on out-of-memory)")
+    ap.add_argument("--steps", type=positive_int, default=10, help="timed training steps per configuration")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile runs")
     ap.add_argument("--compile-backend", default="inductor", help="'eager' checks the compile path without codegen")
     ap.add_argument("--out", default="benchmarks/results", help="folder for bench_gpu.json and bench_gpu.md")
     args = ap.parse_args(argv)
+    checked_args(ap, args)
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

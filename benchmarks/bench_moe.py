@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_switch import interleaved_times, paired_ratio  # noqa: E402
+from bench_switch import checked_args, interleaved_times, paired_ratio, positive_int  # noqa: E402
 
 import switch_dit.models.moe as moe_module  # noqa: E402
 from switch_dit.models.layers import Mlp  # noqa: E402
@@ -180,15 +180,15 @@ def write_outputs(out: Path, data: dict) -> None:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--dim", type=int, default=384, help="hidden size D (384 = the S models)")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256], help="tokens per sample")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=positive_int, default=15)
+    ap.add_argument("--dim", type=positive_int, default=384, help="hidden size D (384 = the S models)")
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[16, 256], help="tokens per sample")
+    ap.add_argument("--batch", type=positive_int, default=64)
     ap.add_argument("--out", help="folder for bench_moe.json and bench_moe.md")
     ap.add_argument("--steps", action="store_true",
                     help="also time whole training steps of DiT, Switch-DiT, TC-MoE and EC-MoE at XS/4, batch 64")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = checked_args(ap, args)
     head = f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} reps={args.reps}"
     print(head)
     rows = []

@@ -11,12 +11,38 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from switch_dit import create_diffusion, create_model
 from switch_dit.models.routing import SwitchRouter, reference_switch_mask
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of repetitions, samples, tokens, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def checked_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """The benchmark's device, usable here, and an --out that is not a file: otherwise a one-line usage error."""
+    from switch_dit.utils.dist import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        ap.error(f"--out {out} is a file; give a folder for the results")
+    return device
 
 
 def _sync(device):
@@ -135,9 +161,9 @@ def matmul_flops(device, reps, n=1024):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=positive_int, default=15)
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = checked_args(ap, args)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} reps={args.reps}")
     speedup, r = bench_smoe(device, args.reps)
     print(f"SMoE fwd+bwd (B=32, 256 tokens, D=384, M=3, k=2): merged {r['fast'] * 1e3:.1f} ms, "

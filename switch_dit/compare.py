@@ -6,6 +6,7 @@ Fashion-MNIST classifier's features (not comparable with Inception-based numbers
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PRESETS, Config, _coerce
+from .config import PRESETS, Config, parse_spec_options
 from .flops import forward_gflops
 
 VARIANTS = ("DiT", "DTR", "Switch-DiT")  # the paper's comparison: the default
@@ -25,26 +26,17 @@ _FIXED = ("model", "global_seed", "results_dir", "resume", "max_steps", "ckpt_ev
 def parse_variant(spec: str) -> tuple[str, str, dict]:
     """'Switch-DiT:lambda_dp=0,top_k=1' -> (label, variant, {option: value}); options are Config fields (dashes
     or underscores), checked and typed here, so that a typo fails before any training."""
-    from dataclasses import fields
-
     from .models.dit import VARIANTS as KNOWN
 
     name, _, opts = spec.partition(":")
     if name not in KNOWN:
         raise ValueError(f"unknown variant {name!r} in {spec!r}: expected one of {', '.join(KNOWN)}, optionally "
                          "followed by :option=value,... (e.g. Switch-DiT:lambda_dp=0)")
-    by_name = {f.name: f for f in fields(Config)}
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in by_name:
-            raise ValueError(f"variant {spec!r}: {item!r} is not option=value with a known option "
-                             "(the names of 'switch-dit train --help', e.g. lambda_dp=0)")
+    options = parse_spec_options(opts, f"variant {spec!r}", "the names of 'switch-dit train --help', e.g. lambda_dp=0")
+    for key in options:
         if key in _FIXED:
             raise ValueError(f"variant {spec!r}: {key} is set by the comparison for every run alike; use the "
                              f"compare flag instead")
-        options[key] = _coerce(by_name[key], value.strip())
     label = name + (":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
                     if options else "")
     return label, name, options
@@ -103,6 +95,30 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
     if max_steps is not None:
         base["max_steps"] = max_steps
     eval_every = eval_every or max(1, base["max_steps"] // 3)
+
+    def run_config(label, variant, options, seed):
+        run_dir = out / "runs" / f"{_run_name(label)}_seed{seed}"
+        return run_dir, Config(**{**base, **options, "model": f"{variant}-{size}/{patch}", "global_seed": seed,
+                                  "results_dir": str(run_dir), "ckpt_every": eval_every, "keep_last": 1000,
+                                  "sample_every": 0, "resume": "auto"})
+
+    from .train import preflight
+
+    for seed in seeds:  # every variant's options and every seed checked before the first run trains
+        for label, variant, options in specs:
+            try:
+                preflight(run_config(label, variant, options, seed)[1])
+            except ValueError as e:
+                raise ValueError(f"variant {label!r}, seed {seed}: {e}") from None
+    same = {}  # two specs of one run (e.g. TC-MoE and TC-MoE:moe_experts=8, the default) would train it twice
+    for label, variant, options in specs:
+        run = dataclasses.asdict(run_config(label, variant, options, seeds[0])[1])
+        run.pop("results_dir")
+        key = json.dumps(run, sort_keys=True, default=str)
+        if key in same:
+            raise ValueError(f"--variants {same[key]} and {label} describe the same run (an option set to its "
+                             "default); give it once")
+        same[key] = label
     extractor = ClassifierExtractor()
     ref_feats, _, _ = reference_features(extractor, base.get("data", "fashion-mnist"), base.get("data_path"), "train",
                                          base["image_size"], 10_000)
@@ -116,18 +132,6 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
         results["config"]["variants"] = labels
     if command:
         results["command"] = command
-    def run_config(label, variant, options, seed):
-        run_dir = out / "runs" / f"{_run_name(label)}_seed{seed}"
-        return run_dir, Config(**{**base, **options, "model": f"{variant}-{size}/{patch}", "global_seed": seed,
-                                  "results_dir": str(run_dir), "ckpt_every": eval_every, "keep_last": 1000,
-                                  "sample_every": 0, "resume": "auto"})
-
-    for seed in seeds:  # every variant's options and every seed checked before the first run trains
-        for label, variant, options in specs:
-            try:
-                run_config(label, variant, options, seed)[1].validate()
-            except ValueError as e:
-                raise ValueError(f"variant {label!r}, seed {seed}: {e}") from None
     for seed in seeds:
         for label, variant, options in specs:
             name = f"{variant}-{size}/{patch}"

@@ -468,20 +468,33 @@ def apply_sampling_options(cfg: Config, args: argparse.Namespace,
     return cfg.validate()
 
 
+def parse_spec_options(opts: str, where: str, hint: str) -> dict:
+    """The options of a variant spec, 'lambda_dp=0,top-k=1' -> {Config field: typed value}, in order; an unknown
+    name, a missing '=', an unreadable value or an option given twice is a one-line error that starts with
+    ``where`` and ends with ``hint`` (an example)."""
+    by_name = {f.name: f for f in fields(Config)}
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in by_name:
+            raise ValueError(f"{where}: {item!r} is not option=value with a known option ({hint})")
+        if key in options:
+            raise ValueError(f"{where}: {key} is given twice; give it once")
+        options[key] = _coerce(by_name[key], value.strip())
+    return options
+
+
 def _apply_model_spec(values: dict, given: dict) -> tuple[dict, dict]:
     """'--model Switch-DiT-S/2:lambda_dp=0' sets lambda_dp as the comparison's variant specs do; an option also
     given as its own flag with another value is a one-line error."""
     name, _, opts = values["model"].partition(":")
-    by_name = {f.name: f for f in fields(Config)}
     values = {**values, "model": name}
     given = {**given, "model": name} if "model" in given else given
-    for item in filter(None, opts.split(",")):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in by_name or key == "model":
-            raise ValueError(f"--model {name}:{opts}: {item!r} is not option=value with a known option "
-                             "(e.g. --model Switch-DiT-S/2:lambda_dp=0)")
-        v = _coerce(by_name[key], value.strip())
+    where = f"--model {name}:{opts}"
+    for key, v in parse_spec_options(opts, where, "e.g. --model Switch-DiT-S/2:lambda_dp=0").items():
+        if key == "model":
+            raise ValueError(f"{where}: the model is named before the ':'; give options after it")
         if key in given and given[key] != v:
             raise ValueError(f"--model sets {key}={v} but --{key.replace('_', '-')} {given[key]} is given too; "
                              "give it once")

@@ -22,9 +22,13 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
     with torch.device("meta"):
         model = create_model(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                              **options).eval()
-        x = torch.empty(1, in_channels, input_size, input_size)
-        t = torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long)
+        # Mixtures size their expert buffers from the batch's token count, rounded: a batch of 4 E samples makes
+        # every balanced share and expert-choice capacity whole (one sample of 1 token would count 8 experts for
+        # top-2 of 8), and the count is divided back to one sample. On 'meta' the batch size costs nothing.
+        n = 4 * max(m.num_experts for m in model.mixtures) if model.mixtures else 1
+        x = torch.empty(n, in_channels, input_size, input_size)
+        t = torch.zeros(n, dtype=torch.long)
+        y = torch.zeros(n, dtype=torch.long)
     model.to("meta")  # buffers made from numpy (positions, tables) too
     for m in model.mixtures:  # token choice at its active compute: each expert holds exactly its balanced share
         if hasattr(m, "top_k") and not compiled_sampling:
@@ -34,7 +38,7 @@ def forward_gflops(name: str, input_size: int, in_channels: int, num_classes: in
             model.train()
     with FlopCounterMode(display=False) as counter:  # grad mode: no host sync on meta tensors
         model(x, t, y)
-    return counter.get_total_flops() / 2 / 1e9
+    return counter.get_total_flops() / n / 2 / 1e9
 
 
 def active_parameters(model) -> int:

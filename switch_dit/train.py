@@ -137,12 +137,27 @@ class StepBatches(torch.utils.data.Sampler):
             yield global_batch_indices(*self.args, step)[self.sl].tolist()
 
 
-def train(cfg: Config, progress: bool = True) -> dict:
-    """Train according to cfg; returns a summary (final step, last losses, paths)."""
+def preflight(cfg: Config) -> Config:
+    """Every check of a training config that needs neither data nor a process group: the options, the VAE folder,
+    the device, the wandb package. train runs it first; compare runs it for every variant before the first trains."""
+    import importlib.util
+
     cfg.validate()
     if cfg.vae and not (Path(cfg.vae) / "config.json").is_file():  # found now, not when the first grid is drawn
         raise ValueError(f"--vae {cfg.vae}: no AutoencoderKL folder there (config.json + "
                          "diffusion_pytorch_model.safetensors); give the local VAE folder")
+    du.resolve_device(cfg.device)
+    if cfg.data != "latents":  # the model's own checks (latents: its input size is the data set's, read later)
+        with torch.device("meta"):
+            build_model(cfg, 1, cfg.image_size, 1)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb needs the wandb package: pip install 'switch-dit[wandb]'")
+    return cfg
+
+
+def train(cfg: Config, progress: bool = True) -> dict:
+    """Train according to cfg; returns a summary (final step, last losses, paths)."""
+    preflight(cfg)
     if cfg.vae:
         cfg.vae = str(Path(cfg.vae).resolve())  # recorded absolute: sampling from another folder finds it
     info = du.setup(cfg.device)
@@ -404,11 +419,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 means = (_mean_over_ranks(interval_sums) / steps_since).tolist()
                 interval_sums.zero_()
                 # the aux term: the diffusion prior's (Switch-DiT), the load-balancing loss (TC-MoE) or the capacity
-                # predictor's (DiffMoE)
-                aux_name = "prior_loss"
+                # predictor's (DiffMoE); the other variants have none to log
+                aux_name = "prior_loss" if model.switch_routers else None
                 if any(getattr(m, "aux_alpha", 0) > 0 for m in model.mixtures):
                     aux_name = "predictor_loss" if hasattr(model.mixtures[0], "predictor") else "balance_loss"
-                vals = dict(zip(("loss", "mse", "vb", aux_name), means))
+                vals = dict(zip(("loss", "mse", "vb", aux_name) if aux_name else ("loss", "mse", "vb"), means))
                 if model.mixtures:  # this process's routing counters over the interval (one host read per log)
                     tokens, computed, dropped, unrouted = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0).tolist()
                     vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)

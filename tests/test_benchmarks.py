@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
@@ -31,7 +33,6 @@ def test_bench_samplers_runs_every_sampler_on_the_same_samples(tmp_path):
     import json
 
     import bench_samplers
-    import pytest
 
     from tests.helpers import TINY, run_cli
 
@@ -100,3 +101,16 @@ def test_bench_moe_runs_and_writes_its_table(tmp_path):
                                       "matmuls padded / dense"}
     table = (tmp_path / "bench_moe.md").read_text()
     assert "| 4 x 16 |" in table and "| TC-MoE |" in table.split("Whole training steps")[1]
+
+
+def test_bench_moe_refuses_bad_flags_in_one_line(tmp_path, capsys):
+    import bench_moe
+
+    (tmp_path / "file").write_text("")
+    for flags, words in ((["--tokens", "0"], "--tokens: must be >= 1"), (["--batch", "-2"], "--batch: must be >= 1"),
+                         (["--reps", "0"], "--reps: must be >= 1"), (["--reps", "x"], "expected a whole number"),
+                         (["--device", "tpu"], "--device must be"),
+                         (["--out", str(tmp_path / "file")], "is a file; give a folder")):
+        with pytest.raises(SystemExit) as e:
+            bench_moe.main(["--dim", "8", "--batch", "2", "--tokens", "4", "--reps", "1", *flags])
+        assert e.value.code == 2 and words in capsys.readouterr().err, flags

@@ -82,6 +82,15 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
     assert run_cli(*base, "--out", tmp_path / "bad", "--variants", "DiT", "EC-MoE:moe_capacity_factor=2") == 2
     err = capsys.readouterr().err
     assert "'EC-MoE:moe_capacity_factor=2'" in err and "--moe-top-k" in err and not (tmp_path / "bad" / "runs").exists()
+    # what train checks before it starts (a VAE folder, the device), an option given twice, and two specs of one
+    # run: all refused before the first variant trains
+    for variants, words in ((["DiT", "TC-MoE:vae=/nonexistent"], "no AutoencoderKL folder"),
+                            (["DiT", "TC-MoE:device=tpu"], "--device must be"),
+                            (["DiT", "EC-MoE:moe_scope=sample,moe_experts=32,moe_top_k=1"], "not a whole number"),
+                            (["DiT", "TC-MoE:moe_experts=4,moe_experts=16"], "moe_experts is given twice"),
+                            (["DiT", "TC-MoE", "TC-MoE:moe_experts=8"], "TC-MoE and TC-MoE:moe_experts=8 describe the same run")):
+        assert run_cli(*base, "--out", tmp_path / "bad", "--variants", *variants) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "bad" / "runs").exists(), variants
     first = tmp_path / "first"
     assert run_cli(*base, "--out", first, "--variants", "DiT", "Switch-DiT:lambda_dp=0", "TC-MoE", "EC-MoE") == 0
     res = json.loads((first / "results.json").read_text())

@@ -400,6 +400,23 @@ def test_active_parameters_and_flops_within_5_percent_of_dense_dit(size, variant
     assert forward_gflops(moe.model, 32, 1) == pytest.approx(forward_gflops(dense.model, 32, 1), rel=0.05)
 
 
+def test_costs_of_samples_with_few_tokens_count_the_routed_experts_a_token_gets():
+    """One token a sample (patch 8 on 8x8): counted on one sample, every expert's buffer would round up to a whole
+    token, 8 experts per token instead of 2. The FLOPs are counted on a batch whose shares are whole, and sample-scope
+    expert choice refuses a capacity that is not a whole number of tokens."""
+    from switch_dit.flops import forward_gflops
+
+    dense = forward_gflops("DiT-XS/8", 8, 1)
+    for variant in ("TC-MoE", "EC-MoE", "DiffMoE"):
+        got = forward_gflops(f"{variant}-XS/8", 8, 1)
+        assert dense < got < dense * (1.25 if variant == "DiffMoE" else 1.02), variant  # (+ gate, + predictor)
+    with pytest.raises(ValueError, match=r"moe_top_k x tokens per sample / moe_experts = 1 x 4 / 8 tokens, not a "
+                                         r"whole number; use moe_top_k in \[2, 4, 6, 8\]"):
+        create_model("EC-MoE-XS/4", input_size=8, in_channels=1, num_classes=10, moe_scope="sample", moe_top_k=1)
+    create_model("EC-MoE-XS/4", input_size=8, in_channels=1, num_classes=10, moe_scope="sample", moe_top_k=2)
+    create_model("EC-MoE-XS/4", input_size=8, in_channels=1, num_classes=10, moe_top_k=1)  # batch pools: averaged
+
+
 def test_diffmoe_costs_expert_choice_plus_its_capacity_predictor():
     """DiffMoE is batch-pool expert choice plus a D -> D -> E predictor on every token: its active parameters and
     FLOPs are EC-MoE's plus exactly the predictor's."""
@@ -545,6 +562,7 @@ def test_resume_is_exact_and_every_sampler_runs(tmp_path, model):
     assert "train/moe_dropped_slots" in logged and 0 <= logged["train/moe_dropped_slots"] <= 1
     assert ("train/balance_loss" in logged) == model.startswith("TC")
     assert ("train/predictor_loss" in logged) == model.startswith("DiffMoE")
+    assert "train/prior_loss" not in logged  # Switch-DiT's term: none here
     if model.startswith("DiffMoE"):  # the EMA model samples with thresholds fitted to its own predictor
         thresholds = [k for k in sa["model"] if k.endswith(".mlp.threshold")]
         assert len(thresholds) == 6 and not all(torch.equal(sa["ema"][k], sa["model"][k]) for k in thresholds)
@@ -565,7 +583,7 @@ def test_flow_training_and_sampling(tmp_path):
                        "--num-sampling-steps", 2, "--per-class", 1, "--out", tmp_path / f"{sampler}.png") == 0
 
 
-def test_train_takes_a_variant_spec_as_its_model(tmp_path):
+def test_train_takes_a_variant_spec_as_its_model(tmp_path, capsys):
     out = tmp_path / "r"
     assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2:moe_experts=4,moe_shared=0", "--max-steps", 1,
                    "--results-dir", out) == 0
@@ -574,6 +592,10 @@ def test_train_takes_a_variant_spec_as_its_model(tmp_path):
     assert state["model"]["blocks.0.mlp.experts.w1"].shape[0] == 4
     assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2:moe_experts=4", "--moe-experts", 6, "--max-steps", 1,
                    "--results-dir", tmp_path / "x") == 2
+    assert "--moe-experts 6 is given too" in capsys.readouterr().err
+    assert run_cli("train", *TINY, "--model", "TC-MoE-XS/2:moe_experts=4,moe_experts=16", "--max-steps", 1,
+                   "--results-dir", tmp_path / "y") == 2
+    assert "moe_experts is given twice" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def _ddp_worker(rank, world, port, out, model, options):
