@@ -116,7 +116,7 @@ def _sample(args) -> int:
                               device=device, vae=vae, batch_size=args.batch_size)
         rows = names[:min(model.num_classes, 10)] if names and model.num_classes > 1 else None
     size = model.x_embedder.grid_size * model.patch_size
-    scale = args.scale or max(1, 64 // size)  # tiles of at least 64 pixels: a 16x16 model is readable
+    scale = args.scale or max(1, 64 // size)  # tiles of about 64 pixels (a whole factor): a 16x16 model is readable
     rows = None if args.no_row_names else rows
     print(f"[switch-dit] wrote {write_grid(out, grid, scale=scale, row_names=rows)}")
     return 0
@@ -341,8 +341,9 @@ def _analyze(args) -> int:
     if model.prior is None and not model.mixtures:
         raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without learned routing: task-expert maps "
                          "need a Switch-DiT, TC-MoE, EC-MoE or DiffMoE model")
-    out = args.out or (_default_stem(args.ckpt) + "_analysis" if args.ckpt.startswith("pretrained:")
-                       else str(Path(args.ckpt).parent.parent / "analysis"))
+    run = not args.ckpt.startswith("pretrained:") and Path(args.ckpt).parent.name == "checkpoints"
+    # a training checkpoint's analysis goes to its run's folder; an export's or a model folder's beside it
+    out = args.out or (str(Path(args.ckpt).parent.parent / "analysis") if run else _default_stem(args.ckpt) + "_analysis")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
     if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
@@ -494,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="a folder of sample images")
     _checkpoint_argument(p, "a checkpoint or exported model to sample from on the fly", positional=False)
     p.add_argument("--num-samples", type=int, default=10_000, help="with --ckpt")
-    p.add_argument("--batch-size", type=int, default=100, help="with --ckpt: samples per forward (default 100)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="with --ckpt: samples per forward (default 32, as sample and Pipeline: batch-scope EC-MoE "
+                        "and DiffMoE samples depend on their batch)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "heun", "euler-maruyama"],
                    help="with --ckpt (default: the checkpoint's)")
     p.add_argument("--num-sampling-steps", type=int, help="with --ckpt (default: the checkpoint's)")
@@ -542,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: DiT DTR Switch-DiT)")
     p.add_argument("--reuse", metavar="DIR", help="an earlier comparison whose finished runs with the same config and "
                    "evaluation are taken over once their first --reuse-check-steps steps retrain bit-identically here")
-    p.add_argument("--reuse-check-steps", type=int, default=100, help="steps retrained to check a reused run")
+    p.add_argument("--reuse-check-steps", type=int, default=100,
+                   help="steps retrained to check a reused run (rounded up to whole --log-every intervals, whose "
+                        "mean losses are compared)")
     p.add_argument("--size", default="XS", help="model size of every variant (default XS)")
     p.add_argument("--patch", type=int, default=4, help="patch size of every variant (default 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")

@@ -238,14 +238,18 @@ def _reuse_run(src: Path, key: str, label: str, seed: int, cfg: Config, compare_
     diff = [k for k in ours if k not in ("results_dir", "resume") and saved.get(k, defaults[k]) != ours[k]]
     if diff:
         return say(f"trained with other options ({', '.join(diff)})")
-    check_steps = max(1, min(check_steps, cfg.max_steps))
+    # the logged losses are means over log_every steps: compare whole intervals, as the source run logged them
+    check_steps = min(-(-max(1, check_steps) // cfg.log_every) * cfg.log_every, cfg.max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         probe = dataclasses.replace(cfg, results_dir=tmp, max_steps=check_steps, resume=None, tensorboard=False)
         train(probe, progress=False)
         mine = {m["step"]: m for m in read_metrics(str(Path(tmp) / "metrics.jsonl"))}
     old = {m["step"]: m for m in read_metrics(str(src_run / "metrics.jsonl")) if m["step"] in mine}
     keys = ("train/loss", "train/mse")
-    if not old or any(old.get(s, {}).get(k) != mine[s][k] for s in mine for k in keys):
+    missing = sorted(set(mine) - set(old))
+    if missing:
+        return say(f"its log has no loss at step {missing[0]} to check the retrained steps against")
+    if any(old[s].get(k) != mine[s][k] for s in mine for k in keys):
         return say(f"its first {check_steps} steps do not retrain bit-identically here")
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("metrics.jsonl", "config.yaml"):

@@ -76,12 +76,28 @@ class Config:
     cfg_channels: Optional[int] = None
     ddim_eta: float = 0.0
 
+    def _apply_spec(self) -> None:
+        """'NAME:option=value,...' in model sets those options; one also set here to another non-default value is a
+        one-line error (as --model with the option's own flag)."""
+        spec = self.model
+        name, _, opts = spec.partition(":")
+        for key, v in parse_spec_options(opts, f"model {spec!r}", "e.g. Switch-DiT-S/2:lambda_dp=0").items():
+            if key == "model":
+                raise ValueError(f"model {spec!r}: the model is named before the ':'; give options after it")
+            default, current = next(f.default for f in fields(self) if f.name == key), getattr(self, key)
+            if current != default and current != v:
+                raise ValueError(f"model {spec!r} sets {key}={v} but {key}={current} is given too; give it once")
+            setattr(self, key, v)
+        self.model = name
+
     def validate(self) -> "Config":
         from .models.dit import parse_model_name
         from .diffusion.weighting import WEIGHTINGS
 
         for f in fields(self):  # types first, so that the comparisons below cannot raise TypeError
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+        if ":" in self.model:  # a variant spec, as --model and compare take: Config(model="TC-MoE-S/2:moe_experts=4")
+            self._apply_spec()
         parse_model_name(self.model)
         for f in fields(self):  # inf and nan are never meant (an lr of inf trains NaN weights)
             v = getattr(self, f.name)

@@ -41,6 +41,13 @@ def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
     summary = json.loads((tmp_path / "an" / "routing.json").read_text())
     assert summary["num_blocks"] == 6 and summary["num_experts"] == 3 and len(summary["blocks"]) == 6
     assert 0.0 <= summary["prior_agreement"] <= 1.0
+    # by default a training checkpoint's analysis goes to its run's folder, an export's beside the export
+    assert run_cli("analyze", out / "checkpoints" / "step_0000003.pt") == 0
+    assert (out / "analysis" / "routing.json").is_file()
+    (tmp_path / "x").mkdir()
+    assert run_cli("export", out / "checkpoints" / "step_0000003.pt", "--out", tmp_path / "x" / "m.safetensors") == 0
+    assert run_cli("analyze", tmp_path / "x" / "m.safetensors") == 0
+    assert (tmp_path / "x" / "m_analysis" / "routing.json").is_file() and not (tmp_path / "analysis").exists()
     # a checkpoint without routing gives a clear message
     assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--max-steps", 1, "--results-dir", tmp_path / "d") == 0
     capsys.readouterr()

@@ -195,3 +195,19 @@ def test_review_findings_stay_fixed(run, tmp_path, capsys):
                    "--no-progress") == 0
     assert load_state(out / "checkpoints" / "step_0000003.pt")["config"]["lambda_dp"] == 0.5
     assert run_cli("sample", ckpt, "--global-seed", 2 ** 40) == 2  # seeds must fit: one line, not an overflow
+
+
+def test_config_takes_a_variant_spec_as_the_command_line_does():
+    """Config(model="NAME:option=value,...") sets those options, as --model and compare's --variants do; an option
+    also given to Config with another value, or twice in the spec, is a one-line error."""
+    from switch_dit.config import Config
+
+    cfg = Config(model="TC-MoE-XS/4:moe_experts=4,moe-shared=0").validate()
+    assert (cfg.model, cfg.moe_experts, cfg.moe_shared) == ("TC-MoE-XS/4", 4, 0)
+    assert Config(model="TC-MoE-XS/4:moe_experts=4", moe_experts=4).validate().moe_experts == 4
+    for kw, words in ((dict(model="TC-MoE-XS/4:moe_experts=4", moe_experts=6), "moe_experts=6 is given too"),
+                      (dict(model="TC-MoE-XS/4:moe_experts=4,moe_experts=5"), "moe_experts is given twice"),
+                      (dict(model="TC-MoE-XS/4:bogus=1"), "'bogus=1' is not option=value"),
+                      (dict(model="DiT-XS/4:moe_experts=4"), "applies to TC-MoE, EC-MoE and DiffMoE only")):
+        with pytest.raises(ValueError, match=words):
+            Config(**kw).validate()

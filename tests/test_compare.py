@@ -121,6 +121,18 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
     assert "Runs taken over from an earlier comparison" in (second / "report.md").read_text()
 
 
+def test_reuse_checks_whole_logging_intervals(tmp_path, capsys):
+    """Logged losses are means over --log-every steps (50 here): a check of 1 step is rounded up to what the source
+    logged (its final step 4 here) instead of comparing a 1-step mean with nothing and retraining the run."""
+    base = ["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--max-steps", 4, "--eval-every", 4,
+            "--num-samples", 20, "--num-sampling-steps", 2, "--global-batch-size", 8, "--seeds", 0, "--no-progress",
+            "--objective", "flow", "--variants", "DiT"]
+    assert run_cli(*base, "--out", tmp_path / "a") == 0
+    assert run_cli(*base, "--out", tmp_path / "b", "--reuse", tmp_path / "a", "--reuse-check-steps", 1) == 0
+    rec = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]["DiT/seed0"]
+    assert rec["reused_from"].endswith("DiT_seed0") and rec["reuse_check_steps"] == 4
+
+
 def test_report_of_a_committed_comparison_names_its_features_and_step_times(tmp_path):
     """Evaluations made before precision/recall moved to the convolutional features say so; the flow XS/4 report
     takes time per step from the side-by-side benchmark, not from wall-clock train times."""
