@@ -158,7 +158,8 @@ def write_outputs(out: Path, data: dict) -> None:
              "equal the ratio of the ms columns. TC-MoE: eager dispatch (buffers as long as the busiest group "
              "for small groups, else a loop over experts); loop dispatch: held to the loop. Matmuls alone: "
              "the shared expert and the routed experts on groups of k T / E rows (balanced) or as long as the "
-             "busiest group (padded), without routing; TC-MoE's time above them is the routing.",
+             "busiest group (padded), without routing; where TC-MoE pads (64 x 16), its time above the padded matmuls is "
+             "the routing; where it loops over experts (64 x 256), nothing is padded.",
              "", "| batch x tokens | dense FFN (ms) | TC-MoE (ms) | EC-MoE (ms) | TC-MoE / dense | EC-MoE / dense "
              "| TC-MoE static buffers / dense | TC-MoE loop dispatch / TC-MoE | TC loop / TC-MoE "
              "| EC loop / EC-MoE | matmuls alone, balanced / dense | matmuls alone, padded / dense |",

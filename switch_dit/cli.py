@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -341,9 +342,12 @@ def _analyze(args) -> int:
     if model.prior is None and not model.mixtures:
         raise ValueError(f"{args.ckpt} is a {cfg.model} checkpoint without learned routing: task-expert maps "
                          "need a Switch-DiT, TC-MoE, EC-MoE or DiffMoE model")
-    run = not args.ckpt.startswith("pretrained:") and Path(args.ckpt).parent.name == "checkpoints"
+    where = None if args.ckpt.startswith("pretrained:") else Path(args.ckpt).resolve()
     # a training checkpoint's analysis goes to its run's folder; an export's or a model folder's beside it
-    out = args.out or (str(Path(args.ckpt).parent.parent / "analysis") if run else _default_stem(args.ckpt) + "_analysis")
+    if where is not None and where.parent.name == "checkpoints" and re.fullmatch(r"step_\d+\.pt", where.name):
+        out = args.out or str(where.parent.parent / "analysis")
+    else:
+        out = args.out or _default_stem(str(where) if where else args.ckpt) + "_analysis"
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
     if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
@@ -546,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", metavar="DIR", help="an earlier comparison whose finished runs with the same config and "
                    "evaluation are taken over once their first --reuse-check-steps steps retrain bit-identically here")
     p.add_argument("--reuse-check-steps", type=int, default=100,
-                   help="steps retrained to check a reused run (rounded up to whole --log-every intervals, whose "
-                        "mean losses are compared)")
+                   help="steps retrained to check a reused run (rounded up to whole logging intervals of the runs' "
+                        "log_every, whose mean losses are compared)")
     p.add_argument("--size", default="XS", help="model size of every variant (default XS)")
     p.add_argument("--patch", type=int, default=4, help="patch size of every variant (default 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")

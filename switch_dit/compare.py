@@ -86,7 +86,6 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the report")
-    out.mkdir(parents=True, exist_ok=True)
     base = dict(PRESETS["cpu-fashion"], time_budget=0.0)  # the same step count for every run, on any machine
     if (overrides or {}).get("objective") == "flow":
         # the DDPM comparison's DDIM-50 becomes Heun with 25 steps: 49 model calls, the same budget
@@ -119,6 +118,7 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
             raise ValueError(f"--variants {same[key]} and {label} describe the same run (an option set to its "
                              "default); give it once")
         same[key] = label
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused comparison leaves nothing behind
     extractor = ClassifierExtractor()
     ref_feats, _, _ = reference_features(extractor, base.get("data", "fashion-mnist"), base.get("data_path"), "train",
                                          base["image_size"], 10_000)
@@ -247,6 +247,8 @@ def _reuse_run(src: Path, key: str, label: str, seed: int, cfg: Config, compare_
     old = {m["step"]: m for m in read_metrics(str(src_run / "metrics.jsonl")) if m["step"] in mine}
     keys = ("train/loss", "train/mse")
     missing = sorted(set(mine) - set(old))
+    if not mine:
+        return say("no retrained step to check it against")
     if missing:
         return say(f"its log has no loss at step {missing[0]} to check the retrained steps against")
     if any(old[s].get(k) != mine[s][k] for s in mine for k in keys):

@@ -25,7 +25,7 @@ from .diffusion import create_diffusion
 from .flow import FlowMatching
 from .factory import build_model, build_weighting
 from .integrations import RunLogger
-from .models.dit import DiT
+from .models.dit import DiT, parse_model_name
 from .models.moe import calibrate_thresholds
 from .utils import dist as du
 
@@ -150,6 +150,16 @@ def preflight(cfg: Config) -> Config:
     if cfg.data != "latents":  # the model's own checks (latents: its input size is the data set's, read later)
         with torch.device("meta"):
             build_model(cfg, 1, cfg.image_size, 1)
+        variant, _, patch = parse_model_name(cfg.model)
+        tokens = (cfg.image_size // patch) ** 2
+        if variant == "EC-MoE" and cfg.moe_scope == "sample" and cfg.moe_top_k * tokens % cfg.moe_experts:
+            # C = moe_top_k * tokens / E rounded would give each token another number of experts on average than
+            # moe_top_k, and every reported cost (active parameters, FLOPs) would be wrong. (Refused for training
+            # only: a model trained so before this check still loads.)
+            fits = [k for k in range(1, cfg.moe_experts + 1) if k * tokens % cfg.moe_experts == 0]
+            raise ValueError(f"EC-MoE with moe_scope=sample: each expert would take moe_top_k x tokens per sample / "
+                             f"moe_experts = {cfg.moe_top_k} x {tokens} / {cfg.moe_experts} tokens, not a whole "
+                             f"number; use moe_top_k in {fits}, another moe_experts, or moe_scope=batch")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb needs the wandb package: pip install 'switch-dit[wandb]'")
     return cfg

@@ -30,7 +30,7 @@ def test_affinity():
     assert a[0, 1] == 1.0 and a[0, 2] == 0.0 and np.allclose(a, a.T)
 
 
-def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
+def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert run_cli("train", *TINY, "--max-steps", 3, "--ckpt-every", 3, "--results-dir", out) == 0
     assert run_cli("analyze", out / "checkpoints" / "step_0000003.pt", "--out", tmp_path / "an") == 0
@@ -48,6 +48,12 @@ def test_analyze_cli_on_a_tiny_trained_switch_dit(tmp_path, capsys):
     assert run_cli("export", out / "checkpoints" / "step_0000003.pt", "--out", tmp_path / "x" / "m.safetensors") == 0
     assert run_cli("analyze", tmp_path / "x" / "m.safetensors") == 0
     assert (tmp_path / "x" / "m_analysis" / "routing.json").is_file() and not (tmp_path / "analysis").exists()
+    (out / "analysis" / "routing.json").unlink()
+    monkeypatch.chdir(out / "checkpoints")  # a relative checkpoint path still finds its run's folder
+    assert run_cli("analyze", "step_0000003.pt") == 0 and (out / "analysis" / "routing.json").is_file()
+    assert run_cli("export", "step_0000003.pt", "--format", "folder", "--out", tmp_path / "folder") == 0
+    monkeypatch.chdir(tmp_path / "folder")  # '.': a model folder, analysed beside itself
+    assert run_cli("analyze", ".") == 0 and (tmp_path / "folder_analysis" / "routing.json").is_file()
     # a checkpoint without routing gives a clear message
     assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--max-steps", 1, "--results-dir", tmp_path / "d") == 0
     capsys.readouterr()

@@ -294,14 +294,6 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
     elif variant in ("EC-MoE", "DiffMoE"):
         if not 1 <= moe_top_k <= moe_experts:
             raise ValueError(f"moe_top_k must satisfy 1 <= moe_top_k <= moe_experts={moe_experts}, got {moe_top_k}")
-        tokens = (input_size // patch) ** 2
-        if variant == "EC-MoE" and moe_scope == "sample" and (moe_top_k * tokens) % moe_experts:
-            # C = moe_top_k * tokens / E rounded would give each token another number of experts on average than
-            # moe_top_k, and every reported cost (active parameters, FLOPs) would be wrong
-            fits = [k for k in range(1, moe_experts + 1) if k * tokens % moe_experts == 0]
-            raise ValueError(f"EC-MoE with moe_scope=sample: each expert would take moe_top_k x tokens per sample / "
-                             f"moe_experts = {moe_top_k} x {tokens} / {moe_experts} tokens, not a whole number; use "
-                             f"moe_top_k in {fits}, another moe_experts, or moe_scope=batch")
         if variant == "EC-MoE":
             mlp_factory = lambda: ExpertChoiceMoE(hidden, moe_experts, float(moe_top_k), moe_shared,  # noqa: E731
                                                   moe_scope)
