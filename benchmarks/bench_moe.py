@@ -66,6 +66,8 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
     group_rows = {"balanced": tc.top_k * batch * tokens // tc.num_experts,
                   "padded": min(int(routed.max()), tc.capacity(batch * tokens))}
 
+    params = [p for m in (dense, tc, tc_static, ec) for p in m.parameters()]
+
     def matmuls(n):
         xs = torch.randn(batch * tokens, dim, device=device, requires_grad=True)
         xe = torch.randn(tc.num_experts, n, dim, device=device, requires_grad=True)
@@ -78,7 +80,6 @@ def bench(device, reps: int, batch: int, tokens: int, dim: int) -> dict:
             torch.autograd.backward([tc.shared(xs), tc.experts(xe)], [gs, ge])
         return run
 
-    params = [p for m in (dense, tc, tc_static, ec) for p in m.parameters()]
     fns = {"dense FFN": _fwd_bwd(dense, x, grad, params),
            "matmuls balanced": matmuls(group_rows["balanced"]),
            "matmuls padded": matmuls(group_rows["padded"]),

@@ -246,9 +246,9 @@ def _reuse_run(src: Path, key: str, label: str, seed: int, cfg: Config, compare_
         mine = {m["step"]: m for m in read_metrics(str(Path(tmp) / "metrics.jsonl"))}
     old = {m["step"]: m for m in read_metrics(str(src_run / "metrics.jsonl")) if m["step"] in mine}
     keys = ("train/loss", "train/mse")
-    missing = sorted(set(mine) - set(old))
     if not mine:
         return say("no retrained step to check it against")
+    missing = sorted(set(mine) - set(old))
     if missing:
         return say(f"its log has no loss at step {missing[0]} to check the retrained steps against")
     if any(old[s].get(k) != mine[s][k] for s in mine for k in keys):

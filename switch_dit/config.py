@@ -98,7 +98,7 @@ class Config:
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         if ":" in self.model:  # a variant spec, as --model and compare take: Config(model="TC-MoE-S/2:moe_experts=4")
             self._apply_spec()
-        parse_model_name(self.model)
+        variant = parse_model_name(self.model)[0]
         for f in fields(self):  # inf and nan are never meant (an lr of inf trains NaN weights)
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
@@ -162,7 +162,6 @@ class Config:
                        (self.moe_scope in ("batch", "sample"), f"--moe-scope must be batch or sample, got {self.moe_scope!r}")]
         # an option the chosen routing ignores is a mistake, not a no-op (EC-MoE's capacity is moe_top_k)
         default = {f.name: f.default for f in dataclasses.fields(self)}
-        variant = self.model.rsplit("-", 1)[0] if isinstance(self.model, str) else ""
         for name in ignored_options(self.model):
             if getattr(self, name) != default[name]:
                 hint = ""
