@@ -320,8 +320,10 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
 
     train_model = model
     if info.distributed:
+        # No buffer broadcast: the buffers are constants, each process's own routing counters (summed over processes
+        # when logged) and DiffMoE thresholds, which their all-reduced quantiles keep equal on every process
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -434,8 +436,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 if any(getattr(m, "aux_alpha", 0) > 0 for m in model.mixtures):
                     aux_name = "predictor_loss" if hasattr(model.mixtures[0], "predictor") else "balance_loss"
                 vals = dict(zip(("loss", "mse", "vb", aux_name) if aux_name else ("loss", "mse", "vb"), means))
-                if model.mixtures:  # this process's routing counters over the interval (one host read per log)
-                    tokens, computed, dropped, unrouted = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0).tolist()
+                if model.mixtures:  # every process's routing counters over the interval (one host read per log)
+                    tokens, computed, dropped, unrouted = routing_counters(model)
                     vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)
                     vals["moe_tokens_without_routed_expert"] = unrouted / max(tokens, 1.0)
                 now = time.time()
@@ -532,6 +534,16 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
     good = ckpt.last_good_step(health or {}, best=(trace or {}).get("best"))
     ckpt.prune(results / "checkpoints", cfg.keep_last, keep={good} if good is not None else None)
     return path
+
+
+def routing_counters(model: DiT) -> list[float]:
+    """The token-routed mixtures' counters since the last call (tokens, token-expert slots computed, slots dropped,
+    tokens without a routed expert), summed over the blocks and, under DDP, over the processes (every process must
+    call it), then zeroed."""
+    v = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(v)
+    return v.tolist()
 
 
 def _mean_over_ranks(v: torch.Tensor) -> torch.Tensor:

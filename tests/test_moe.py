@@ -736,6 +736,45 @@ def test_tc_moe_default_under_ddp_averages_each_process_own_routing(tmp_path):
             torch.testing.assert_close(a, b)
 
 
+def _counting_worker(rank, world, port, out):
+    from switch_dit.config import Config
+    from switch_dit.models import moe
+    from switch_dit.train import train
+    from tests.helpers import dist_env
+
+    own = []  # this process's own routing: each forward's increments of its counters
+    forward = moe.TokenChoiceMoE.forward
+
+    def counted(self, x):
+        before = self.stats.clone()
+        result = forward(self, x)
+        own.append(self.stats - before)
+        return result
+
+    moe.TokenChoiceMoE.forward = counted
+    dist_env(rank, world, port)
+    res = train(Config(model="TC-MoE-XS/2", data="digits", image_size=8, global_batch_size=8, max_steps=2,
+                       log_every=2, ckpt_every=2, tensorboard=False, results_dir=out, device="cpu",
+                       objective="flow"), progress=False)
+    torch.save({"own": torch.stack(own).sum(0), "logged": res["history"][-1]}, f"{out}/counts{rank}.pt")
+
+
+def test_ddp_logs_the_routing_counters_of_every_process(tmp_path):
+    """Under DDP the logged drop fraction is the run's, not process 0's: each process keeps its own counters (no
+    buffer broadcast overwrites them between steps) and the log sums them over processes."""
+    from tests.helpers import run_processes
+
+    run_processes(_counting_worker, 2, str(tmp_path))
+    got = [torch.load(tmp_path / f"counts{r}.pt") for r in range(2)]
+    own = [g["own"] for g in got]
+    assert own[0][2] != own[1][2]  # the shards dropped different numbers of slots: the sum is not 2 x process 0's
+    tokens, computed, dropped, unrouted = (own[0] + own[1]).tolist()
+    assert dropped > 0
+    for g in got:  # both processes log the same, whole-run numbers
+        assert g["logged"]["moe_dropped_slots"] == pytest.approx(dropped / (computed + dropped), rel=1e-6)
+        assert g["logged"]["moe_tokens_without_routed_expert"] == pytest.approx(unrouted / tokens, rel=1e-6)
+
+
 def test_diffmoe_trains_under_ddp(tmp_path):
     """DiffMoE is batch-coupled (each process pools its own batch), so two processes do not equal one; they must still
     train (the predictor is used every step: no unused parameters) and checkpoint moved thresholds."""
