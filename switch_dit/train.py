@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import dataclasses
 import time
@@ -320,10 +321,12 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
 
     train_model = model
     if info.distributed:
-        # No buffer broadcast: the buffers are constants, each process's own routing counters (summed over processes
-        # when logged) and DiffMoE thresholds, which their all-reduced quantiles keep equal on every process
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # No buffer sync before each forward: the buffers are constants, each process's own routing counters (summed
+        # over processes when logged) and DiffMoE thresholds, which their all-reduced quantiles keep equal everywhere
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})  # (the older name, which newer torch deprecates)
+        train_model = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
