@@ -224,8 +224,10 @@ def sample_npz(model: DiT, cfg: Config, num_samples: int, out_path: str, batch_s
                              "--overwrite to discard them, or choose another --out")
     if info.is_main:
         parts.mkdir(parents=True, exist_ok=True)
-        if manifest is not None:
-            saved.write_text(json.dumps(manifest, indent=1))
+        if manifest is not None:  # atomically: the other processes may be reading it for their own check
+            tmp = parts / ".manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, saved)
     du.barrier()
     diffusion = sampling_diffusion(cfg)
     chunks = list(range(0, num_samples, batch_size))

@@ -69,6 +69,31 @@ def test_npz_identical_with_one_or_two_processes_and_resumes(trained, tmp_path):
         assert np.array_equal(a["arr_0"], first) and len(a["arr_0"]) == 10
 
 
+def test_a_rerun_never_shows_another_process_a_half_written_manifest(trained, tmp_path, monkeypatch):
+    """Under torchrun every process reads OUT.parts/manifest.json to check its settings while process 0 rewrites it:
+    the rewrite is atomic, so a reader sees a whole manifest (process 1 once read an empty file, failed with a JSON
+    error only it could print, and process 0 reported a lost connection)."""
+    import json
+    import pathlib
+
+    model, cfg, _ = load_model_for_sampling(trained)
+    cfg.num_sampling_steps, cfg.device = 2, "cpu"
+    out, manifest = tmp_path / "s.npz", {"sampler": "test", "steps": 2}
+    sample_npz(model, cfg, 4, out, batch_size=4, progress=False, manifest=manifest)
+    seen, write_text = [], pathlib.Path.write_text
+
+    def caught_midway(self, data, *args, **kwargs):
+        if "manifest" in self.name:
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            seen.append(json.loads((tmp_path / "s.npz.parts" / "manifest.json").read_text()))  # what a reader gets
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", caught_midway)
+    sample_npz(model, cfg, 4, out, batch_size=4, progress=False, manifest=manifest)
+    assert seen == [manifest]
+    assert json.loads((tmp_path / "s.npz.parts" / "manifest.json").read_text()) == manifest
+
+
 def test_loads_a_plain_dit_state_dict(tmp_path):
     model = create_model("DiT-XS/2", input_size=8, in_channels=4, num_classes=10)
     torch.save(model.state_dict(), tmp_path / "dit.pt")
