@@ -233,6 +233,9 @@ def _evaluate(args) -> int:
     sources = [bool(args.npz), bool(args.images), bool(args.ckpt_flag or args.pretrained)]
     if sum(sources) != 1:
         raise ValueError("give exactly one of --npz, --images, --ckpt or --pretrained")
+    if args.model and not args.ckpt_flag:
+        raise ValueError("--model names the model of a --ckpt state dict; samples (--npz, --images) and --pretrained "
+                         "need none: leave it out")
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
     for d in (cache_dir, cache_dir / "refstats"):  # before any sampling or feature extraction
         if d.exists() and not d.is_dir():
@@ -241,11 +244,19 @@ def _evaluate(args) -> int:
     if args.ckpt_flag or args.pretrained:
         _resolve_checkpoint_argument(args)
         from .sample import load_model_for_sampling, resolve_pretrained, sample_images
-        model, cfg, step = load_model_for_sampling(args.ckpt)
+        overrides = None
+        if args.model:  # other code's state dict: its model, as sample's --model (a variant spec too)
+            from .config import Config, _apply_model_spec
+            values = {"model": args.model}
+            values = _apply_model_spec(values, dict(values))[0] if ":" in args.model else values
+            overrides = Config(**values)
+            overrides._given = set(values)
+        model, cfg, step = load_model_for_sampling(args.ckpt, cfg_overrides=overrides)
         apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
                                            "global_seed", "noise_schedule"))
-        origin = dict(data=cfg.data, path=cfg.data_path, split="train", size=cfg.image_size, vae=cfg.vae,
-                      why="the checkpoint's training data")
+        if step is not None:  # (other code's state dicts, and models saved from them, record no training data)
+            origin = dict(data=cfg.data, path=cfg.data_path, split="train", size=cfg.image_size, vae=cfg.vae,
+                          why="the checkpoint's training data")
         made_by = sampling_manifest(model, cfg, resolve_pretrained(args.ckpt), True, step, args.num_samples,
                                     args.batch_size)
     elif args.npz:
@@ -258,7 +269,7 @@ def _evaluate(args) -> int:
     if ref_data is None:
         if origin is None:
             raise ValueError("say what to compare the samples with: --ref-data fashion-mnist|digits|folder (with "
-                             "--ref-path FOLDER for a folder); only a checkpoint or a switch-dit .npz names its own")
+                             "--ref-path FOLDER for a folder); only a switch-dit checkpoint or .npz names its own")
         ref_data, ref_path = origin["data"], origin["path"]
         if ref_data == "latents":
             source = _latent_source(ref_path)
@@ -511,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's)")
     p.add_argument("--noise-schedule", choices=["linear", "cosine"],
                    help="with --ckpt: override the noise schedule the checkpoint records")
+    p.add_argument("--model", help="with --ckpt of another program's state dict: its model, as sample's --model "
+                                   "(a switch-dit file records its own)")
     p.add_argument("--compile", action="store_true", help="with --ckpt: torch.compile the model for sampling")
     p.add_argument("--features", choices=["fmnist-classifier", "inception"],
                    help="default: fmnist-classifier for Fashion-MNIST references, inception otherwise")

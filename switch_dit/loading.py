@@ -293,12 +293,30 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
     variant = authors_variant(state)
     if variant != "DiT":
         state = from_authors_state_dict(state)
-    if "model" not in recorded and "model" not in (given or _non_default(cfg_overrides) if cfg_overrides else set()):
+    explicit = (given or _non_default(cfg_overrides)) if cfg_overrides is not None else set()
+    if "model" not in recorded and "model" not in explicit:
         cfg.model = _name_from_tensors(state, path, variant)  # nobody named the model: the tensors do
     cfg.validate()
     model = build_checked(cfg, state, path)
+    _fit_foreign_config(cfg, cfg_overrides, explicit, model, path)
     names = [str(i) for i in range(model.num_classes)]  # other code's files name no classes (nor their data)
     return _attach(model.eval(), cfg, None, names, str(path)), cfg, None
+
+
+def _fit_foreign_config(cfg: Config, overrides: Config | None, explicit: set, model: DiT, path) -> None:
+    """Another program's state dict: the sizes its tensors fix win over the defaults, and an explicit value that
+    contradicts them is refused (it would be recorded, exported and evaluated against, yet not be the model's)."""
+    wrong = [f"{k}={getattr(overrides, k)} (the weights have {getattr(cfg, k)})"
+             for k in ("moe_experts", "moe_shared", "moe_top_k", "num_experts")
+             if k in explicit and getattr(overrides, k) != getattr(cfg, k)]
+    size = model.x_embedder.grid_size * model.patch_size
+    if cfg.vae is None and cfg.data != "latents" and model.in_channels in (1, 3):  # pixels: the image is the input
+        if "image_size" in explicit and cfg.image_size != size:
+            wrong.append(f"image_size={cfg.image_size} (the position embedding is for {size} x {size} images)")
+        cfg.image_size = size
+    if wrong:
+        raise ckpt.CheckpointError(f"{path} does not fit {', '.join(wrong)}: leave those options out (the weights "
+                                   "set them) or give the values the weights have")
 
 
 def _refuse_model_override(cfg: Config, overrides: Config | None, given: set, path) -> None:
@@ -577,6 +595,9 @@ def load(path_or_name, ema: bool = True, **overrides) -> DiT:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)} for load(); use Config field names")
+        if isinstance(overrides.get("model"), str) and ":" in overrides["model"]:  # a variant spec, as --model takes
+            from .config import _apply_model_spec
+            overrides, _ = _apply_model_spec(dict(overrides), dict(overrides))
         over = Config(**overrides)
         over._given = set(overrides)
     if not src.startswith("pretrained:") and Path(src).is_dir():

@@ -32,8 +32,10 @@ def sampling_manifest(model, cfg, model_file: str, use_ema: bool, step, num_samp
          "labels": f"uniform over {model.num_classes} classes, seeded per sample", "num_classes": model.num_classes,
          "image_size": model.x_embedder.grid_size * model.patch_size, "in_channels": model.in_channels,
          "vae": cfg.vae, "num_samples": int(num_samples), "batch_size": int(batch_size)}
+    known = step is not None  # other code's state dicts (and models saved from them) record no training data
     m["provenance"] = {"model_file": str(Path(model_file).resolve()) if Path(model_file).exists() else str(model_file),
-                       "model": cfg.model, "data": cfg.data, "data_path": cfg.data_path,
+                       "model": cfg.model, "data": cfg.data if known else None,
+                       "data_path": cfg.data_path if known else None,
                        "image_size": cfg.image_size, "batch_dependent": batch_dependent(model),
                        "package_version": __version__}
     return m

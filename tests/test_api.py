@@ -36,6 +36,11 @@ def test_load_reads_every_format_to_the_same_model(run, tmp_path):
             assert other.class_names == model.class_names and other.step == 2
     with pytest.raises(ValueError, match="unknown option"):
         switch_dit.load(ckpt, modle="DiT-XS/2")
+    # a variant spec, as --model takes: the recorded options agree, a contradicting one is refused
+    k = model.config.top_k
+    assert switch_dit.load(ckpt, model=f"Switch-DiT-XS/2:top_k={k}").config.top_k == k
+    with pytest.raises(ValueError, match="top_k"):
+        switch_dit.load(ckpt, model=f"Switch-DiT-XS/2:top_k={3 - k}")
     # the folder is a model for every command too
     assert run_cli("sample", tmp_path / "folder", "--num-sampling-steps", 2, "--out", tmp_path / "g.png") == 0
     assert run_cli("export", ckpt, "--format", "folder", "--out", tmp_path / "f2") == 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import switch_dit
 from switch_dit import create_model
 from switch_dit.checkpoint import export_model
 from tests.conftest import randomize_
@@ -194,7 +195,7 @@ def test_a_one_class_dit_state_dict_keeps_its_null_row(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["Switch-DiT-XS/4", "DTR-XS/4", "TC-MoE-XS/4", "EC-MoE-XS/4"])
-def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name):
+def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys):
     from switch_dit.loading import load_model
     from switch_dit.config import Config
 
@@ -207,6 +208,27 @@ def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name):
         assert torch.equal(ours(x, t, y).sample, model(x, t, y).sample)
     if "MoE" in name:  # the mixture's sizes come from the tensors
         assert (cfg.moe_experts, cfg.moe_shared, cfg.moe_top_k) == (4, 2, 1)
+        # an explicit value the tensors contradict is refused, not replaced; the same value, or a spec, is fine
+        with pytest.raises(ValueError, match=r"moe_top_k=2 \(the weights have 1\)"):
+            switch_dit.load(tmp_path / "bare.pt", model=name, moe_top_k=2)
+        assert switch_dit.load(tmp_path / "bare.pt", model=f"{name}:moe_shared=2").config.moe_shared == 2
+    # a pixel model's image size is its position embedding's: set when not given, refused when contradicted
+    assert cfg.image_size == 8 and switch_dit.load(tmp_path / "bare.pt", model=name).config.image_size == 8
+    with pytest.raises(ValueError, match="image_size=16 .the position embedding is for 8 x 8 images"):
+        switch_dit.load(tmp_path / "bare.pt", model=name, image_size=16)
+    assert run_cli("sample", tmp_path / "bare.pt", "--model", name, "--image-size", 16, "--out",
+                   tmp_path / "i.png") == 2
+    if name == "DTR-XS/4":  # nor does it record its training data: evaluate asks what to compare with
+        assert run_cli("evaluate", "--ckpt", tmp_path / "bare.pt", "--model", name, "--num-samples", 4) == 2
+        assert "say what to compare the samples with" in capsys.readouterr().err
+        assert run_cli("evaluate", "--ckpt", tmp_path / "bare.pt", "--model", "DiT-S/4", "--ref-data", "digits") == 2
+        assert "holds a model of depth" in capsys.readouterr().err  # --model reaches the loader
+        assert run_cli("sample", tmp_path / "bare.pt", "--model", name, "--num-fid-samples", 10, "--num-sampling-steps",
+                       2, "--out", tmp_path / "s.npz", "--no-progress") == 0
+        with np.load(tmp_path / "s.npz") as d:
+            assert json.loads(str(d["manifest"]))["provenance"]["data"] is None
+        assert run_cli("evaluate", "--npz", tmp_path / "s.npz") == 2
+        assert "say what to compare the samples with" in capsys.readouterr().err
     assert run_cli("sample", tmp_path / "bare.pt", "--model", name, "--num-sampling-steps", 2,
                    "--out", tmp_path / "g.png") == 0
     other = "DiT-XS/4" if name != "DTR-XS/4" else "Switch-DiT-XS/4"
