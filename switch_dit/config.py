@@ -76,6 +76,32 @@ class Config:
     cfg_channels: Optional[int] = None
     ddim_eta: float = 0.0
 
+    @classmethod
+    def from_run(cls, run: str, **changes) -> "Config":
+        """The Config to continue a run with: the options it recorded (RUN/config.yaml, or a checkpoint's own
+        record when ``run`` is a checkpoint file), ``changes`` applied, resuming from its last checkpoint (or that
+        file). ``train(Config.from_run("results/x", max_steps=5000))`` does what ``train --results-dir results/x
+        --resume auto --max-steps 5000`` does; ``Config(..., resume="auto")`` instead trains with the options given."""
+        import argparse
+        from pathlib import Path
+
+        unknown = sorted(set(changes) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)} for Config.from_run; use Config field names")
+        folder = Path(run).is_dir()
+        ns = argparse.Namespace(resume="auto" if folder else str(run), results_dir=str(run) if folder else None)
+        recorded = resumed_run_config(ns) if folder or Path(run).is_file() else None
+        if recorded is None:
+            raise ValueError(f"{run} is no run: give a run folder written by train (with its config.yaml) or one of "
+                             "its checkpoints (RUN/checkpoints/step_N.pt)")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in recorded.items() if k in known and k != "resume"}
+        if folder:
+            values["results_dir"] = str(run)
+        elif "results_dir" not in values or Path(run).parent.name == "checkpoints":
+            values["results_dir"] = str(Path(run).parent.parent)
+        return cls(**{**values, "resume": ns.resume, **changes})
+
     def _apply_spec(self) -> None:
         """'NAME:option=value,...' in model sets those options; one also set here to another non-default value is a
         one-line error (as --model with the option's own flag)."""

@@ -93,6 +93,15 @@ def check_compatible(saved: dict, cfg: Config, path) -> None:
                                    "use matching options or another --results-dir")
 
 
+def resumed_changes(recorded: dict, cfg: Config) -> list[str]:
+    """'name: checkpoint X, now Y' for each option a resume changes (where the run's folder and the resume itself
+    are not options of the run)."""
+    old, defaults = drop_ignored(recorded), Config()
+    return [f"{f.name}: checkpoint {old.get(f.name, getattr(defaults, f.name))!r}, now {getattr(cfg, f.name)!r}"
+            for f in dataclasses.fields(Config) if f.name not in ("results_dir", "resume")
+            and old.get(f.name, getattr(defaults, f.name)) != getattr(cfg, f.name)]
+
+
 def rng_state() -> dict:
     """Global RNG states as tensors and plain numbers, so that checkpoints load with the weights-only unpickler."""
     import random
@@ -290,6 +299,10 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                                        "step_XXXXXXX.pt of a run (or auto)")
         check_training_state(saved, resume_path, for_resume=True)
         check_compatible(saved, cfg, resume_path)
+        changed = resumed_changes(saved["config"], cfg)
+        if changed and info.is_main:  # (train(Config(...)) resumes with the Config's values, defaults included)
+            print(f"[switch-dit] resuming with options other than the checkpoint's: {'; '.join(changed)} "
+                  "(train --resume keeps the options not given; in Python, Config.from_run(RUN, ...) does)", flush=True)
         for key in ("model", "ema"):  # keys, shapes and finiteness, checked on 'meta' before anything is loaded
             build_checked(copy.deepcopy(cfg), saved[key], f"{resume_path} ({key})", model.num_classes, check_only=True)
         claims = {"in_channels": model.in_channels, "input_size": model.x_embedder.grid_size * model.patch_size,

@@ -160,6 +160,32 @@ def test_resume_auto_reads_the_runs_own_options(tmp_path, capsys):
     assert "resuming with the options the run recorded" in capsys.readouterr().out
 
 
+def test_config_from_run_resumes_with_the_runs_own_options(tmp_path, capsys):
+    """Python resumes: Config.from_run(RUN, **changes) continues a run as 'train --resume auto' does; a plain
+    Config(..., resume='auto') trains with its own values, defaults included, and says which differ."""
+    out = tmp_path / "r"
+    assert run_cli("train", *TINY, "--model", "DiT-XS/2", "--lr", "3e-4", "--max-steps", 2, "--ckpt-every", 1,
+                   "--results-dir", out) == 0
+    capsys.readouterr()
+    cfg = switch_dit.Config.from_run(out, max_steps=3)
+    assert (cfg.model, cfg.lr, cfg.global_batch_size, cfg.ckpt_every) == ("DiT-XS/2", 3e-4, 8, 1)
+    assert (cfg.resume, cfg.results_dir) == ("auto", str(out))
+    switch_dit.train(cfg, progress=False)
+    assert "other than the checkpoint's: max_steps: checkpoint 2, now 3 (" in capsys.readouterr().out
+    assert load_state(out / "checkpoints" / "step_0000003.pt")["config"]["global_batch_size"] == 8
+    ckpt = out / "checkpoints" / "step_0000003.pt"  # a checkpoint: resume from it, in its own run folder
+    assert (switch_dit.Config.from_run(ckpt).resume, switch_dit.Config.from_run(ckpt).results_dir) == (str(ckpt), str(out))
+    switch_dit.train(switch_dit.Config(model="DiT-XS/2", data="digits", image_size=8, lr=3e-4, results_dir=str(out),
+                                       resume="auto", max_steps=4, tensorboard=False), progress=False)
+    said = capsys.readouterr().out
+    assert "global_batch_size: checkpoint 8, now 256" in said and "log_every: checkpoint 1, now 100" in said
+    for bad in (tmp_path / "none", tmp_path):
+        with pytest.raises(ValueError, match="is no run"):
+            switch_dit.Config.from_run(bad)
+    with pytest.raises(ValueError, match="unknown option"):
+        switch_dit.Config.from_run(out, max_step=5)
+
+
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
     """Every ```python block of the README's Python API section runs as written (in a scratch folder)."""
     import re
