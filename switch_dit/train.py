@@ -156,10 +156,11 @@ def preflight(cfg: Config) -> Config:
     if cfg.vae and not (Path(cfg.vae) / "config.json").is_file():  # found now, not when the first grid is drawn
         raise ValueError(f"--vae {cfg.vae}: no AutoencoderKL folder there (config.json + "
                          "diffusion_pytorch_model.safetensors); give the local VAE folder")
-    du.resolve_device(cfg.device)
+    device = du.resolve_device(cfg.device)
     if cfg.data != "latents":  # the model's own checks (latents: its input size is the data set's, read later)
         with torch.device("meta"):
-            build_model(cfg, 1, cfg.image_size, 1)
+            probe = build_model(cfg, 1, cfg.image_size, 1)
+        _check_fits_memory(cfg, sum(p.numel() for p in probe.parameters()), device)
         variant, _, patch = parse_model_name(cfg.model)
         tokens = (cfg.image_size // patch) ** 2
         if variant == "EC-MoE" and cfg.moe_scope == "sample" and cfg.moe_top_k * tokens % cfg.moe_experts:
@@ -173,6 +174,25 @@ def preflight(cfg: Config) -> Config:
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb needs the wandb package: pip install 'switch-dit[wandb]'")
     return cfg
+
+
+def _check_fits_memory(cfg: Config, num_params: int, device: torch.device) -> None:
+    """A model whose weights, EMA, gradients and AdamW moments (5 float32 copies) exceed the device's whole memory
+    is a one-line error now, not an out-of-memory kill after minutes (e.g. a typo in --moe-experts)."""
+    import os
+
+    need = 5 * 4 * num_params
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # (no such query on this system: nothing to compare with)
+            return
+    if need > total:
+        raise ValueError(f"{cfg.model} with these options has {num_params / 1e6:,.0f}M parameters: its weights, EMA, "
+                         f"gradients and AdamW state need {need / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} "
+                         f"GiB of {device.type}; choose a smaller model or fewer experts (--moe-experts, --num-experts)")
 
 
 def train(cfg: Config, progress: bool = True) -> dict:

@@ -111,6 +111,7 @@ def test_each_case_a_hostile_tester_found_is_one_line(tmp_path, capsys):
     cmp = ["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--no-progress"]
     cases = [
         (train + ["--image-size", 100000], "--image-size must be between 1 and 4096"),
+        (train + ["--model", "EC-MoE-XS/4", "--moe-experts", 100000], "GiB, more than the"),  # (was an OOM kill)
         (train + ["--device", "tpu9"], "--device must be auto, cpu, cuda, cuda:N or mps"),
         (train + ["--config", tmp_path / "cfgdir"], "is a folder; give a YAML file"),
         (train + ["--config", tmp_path / "int.yaml"], "1 is not an option name"),
