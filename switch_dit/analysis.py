@@ -326,7 +326,9 @@ def token_routing(model: DiT, cfg, images: torch.Tensor, labels: torch.Tensor, n
     """A token-routed model's (blocks, bins, E) map and its record with the permutation null."""
     counts = token_expert_counts(model, cfg, images, labels, num_bins, rounds, seed)
     frac = _fractions(counts, model.x_embedder.num_patches)
-    return frac, token_routing_record(frac, model.mixtures[0].kind, permutation_null(counts, seed=seed))
+    record = token_routing_record(frac, model.mixtures[0].kind, permutation_null(counts, seed=seed))
+    record["measured_on"] = {"data": cfg.data, "data_path": cfg.data_path, "images": int(len(images))}
+    return frac, record
 
 
 def token_routing_figure(frac: np.ndarray, title: str, kind: str, null=None):

@@ -144,6 +144,9 @@ class Config:
              f"--loss-weighting {self.loss_weighting} applies to --objective ddpm; flow matching uses constant"),
             (self.data in ("fashion-mnist", "digits", "folder", "latents"),
              f"--data must be fashion-mnist, digits, folder or latents, got {self.data!r}"),
+            (self.data != "digits" or not self.data_path,
+             f"--data digits is scikit-learn's built-in set; --data-path {self.data_path} applies to fashion-mnist, "
+             "folder and latents: leave it out"),
             (self.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {self.noise_schedule!r}"),
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {sorted(WEIGHTINGS)}, got {self.loss_weighting!r}"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE,

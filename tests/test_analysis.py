@@ -118,6 +118,11 @@ def test_analyze_cli_on_a_token_routed_model(tmp_path):
             assert 0 <= b["timestep_information_bits"] <= 3.0 and b["max_over_mean_load"] >= 1.0
             assert len(b["routed_experts_per_token"]) == 50 and 0 <= b["null_information_bits"] <= 3.0
         assert summary["mean_null_information_bits"] >= 0
+        assert summary["measured_on"]["data"] == "digits" and summary["measured_on"]["images"] > 0
+    # digits is built in: a --data-path with it would be ignored, so it is refused (train and analyze)
+    assert run_cli("analyze", out / "checkpoints" / "step_0000002.pt", "--data-path", tmp_path, "--out",
+                   tmp_path / "x") == 2
+    assert run_cli("train", *TINY, "--data-path", tmp_path, "--results-dir", tmp_path / "y") == 2
 
 
 def test_routing_information_is_zero_without_and_maximal_with_timestep_specialisation():

@@ -15,6 +15,9 @@ def build_dataset(name: str, data_path: str | None, image_size: int, skip_corrup
     if name == "fashion-mnist":
         return FashionMNIST(data_path or FASHION_MNIST_DEFAULT, "train", image_size)
     if name == "digits":
+        if data_path:  # (it would be ignored: a folder named here is not what trains or is measured)
+            raise DataError(f"--data digits is scikit-learn's built-in set; --data-path {data_path} applies to "
+                            "fashion-mnist, folder and latents: leave it out")
         return DigitsDataset(image_size)
     if name == "folder":
         if not data_path:
