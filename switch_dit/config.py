@@ -98,8 +98,10 @@ class Config:
         values = {k: v for k, v in recorded.items() if k in known and k != "resume"}
         if folder:
             values["results_dir"] = str(run)
-        elif "results_dir" not in values or Path(run).parent.name == "checkpoints":
+        elif Path(run).parent.name == "checkpoints":  # RUN/checkpoints/step_N.pt continues in RUN
             values["results_dir"] = str(Path(run).parent.parent)
+        elif "results_dir" not in changes:
+            raise ValueError(f"{run} lies outside a run's checkpoints/ folder: give results_dir= for the continued run")
         return cls(**{**values, "resume": ns.resume, **changes})
 
     def _apply_spec(self) -> None:

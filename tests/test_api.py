@@ -182,6 +182,11 @@ def test_config_from_run_resumes_with_the_runs_own_options(tmp_path, capsys):
     for bad in (tmp_path / "none", tmp_path):
         with pytest.raises(ValueError, match="is no run"):
             switch_dit.Config.from_run(bad)
+    loose = tmp_path / "step.pt"  # a checkpoint outside its run: where to continue must be said
+    loose.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match="give results_dir="):
+        switch_dit.Config.from_run(loose)
+    assert switch_dit.Config.from_run(loose, results_dir=str(tmp_path / "c")).model == "DiT-XS/2"
     with pytest.raises(ValueError, match="unknown option"):
         switch_dit.Config.from_run(out, max_step=5)
 
