@@ -363,9 +363,10 @@ def _analyze(args) -> int:
         raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
     if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
         from .analysis import analysis_images, analyze_tokens
-        for k in ("data", "data_path"):
-            if getattr(args, k, None) is not None:
-                setattr(cfg, k, getattr(args, k))
+        if getattr(args, "data", None) is not None:  # another data set: its own folder (or its default), not the run's
+            cfg.data, cfg.data_path = args.data, None
+        if getattr(args, "data_path", None) is not None:
+            cfg.data_path = args.data_path
         summary = analyze_tokens(model, cfg, *analysis_images(cfg), out)
     else:
         summary = analyze(model, out)

@@ -78,8 +78,8 @@ class Config:
 
     @classmethod
     def from_run(cls, run: str, **changes) -> "Config":
-        """The Config to continue a run with: the options it recorded (RUN/config.yaml, or a checkpoint's own
-        record when ``run`` is a checkpoint file), ``changes`` applied, resuming from its last checkpoint (or that
+        """The Config to continue a run with: the options it recorded (RUN/config.yaml; a checkpoint's own record
+        for a checkpoint outside its run folder), ``changes`` applied, resuming from its last checkpoint (or that
         file). ``train(Config.from_run("results/x", max_steps=5000))`` does what ``train --results-dir results/x
         --resume auto --max-steps 5000`` does; ``Config(..., resume="auto")`` instead trains with the options given."""
         import argparse
@@ -434,7 +434,10 @@ def drop_ignored(values: dict) -> dict:
     """A recorded config with the options its model ignores at their defaults: runs recorded before such options
     were refused stay loadable and resumable (the options never changed their weights)."""
     defaults = {f.name: f.default for f in fields(Config)}
-    return {**values, **{k: defaults[k] for k in ignored_options(values.get("model")) if k in values}}
+    values = {**values, **{k: defaults[k] for k in ignored_options(values.get("model")) if k in values}}
+    if values.get("data") == "digits" and values.get("data_path"):  # (built in: the path was never read)
+        values["data_path"] = None
+    return values
 
 
 def _checked_record(values: dict, source) -> dict:

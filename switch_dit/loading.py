@@ -530,9 +530,11 @@ def save_pretrained(model: DiT, folder, config: Config | None = None, step: int 
     card = card or {}
     lines = [f"# {cfg.model}", "",
              f"A {cfg.model} ({info['parameters'] / 1e6:.2f}M parameters, {info['active_parameters'] / 1e6:.2f}M active "
-             f"per token) trained with [switch-dit](https://github.com/) on {cfg.data}"
-             f"{f' ({cfg.data_path})' if cfg.data_path else ''} at {info['input_size']}x{info['input_size']}, "
-             f"objective {cfg.objective}, {step if step is not None else 'an unknown number of'} steps.", "",
+             + (f"per token) trained with [switch-dit](https://github.com/) on {cfg.data}"
+              f"{f' ({cfg.data_path})' if cfg.data_path else ''} at {info['input_size']}x{info['input_size']}, "
+              f"objective {cfg.objective}, {step} steps." if step is not None else
+              f"per token, {info['input_size']}x{info['input_size']}) loaded from another program's weights "
+              "(its training data and steps are not recorded)."), "",
              "```python", "import switch_dit", f"pipe = switch_dit.Pipeline.from_pretrained({str(folder)!r})",
              "images = pipe(class_labels=[0, 1], generator=__import__('torch').Generator().manual_seed(0))", "```", "",
              f"Classes: {', '.join(info['class_names'][:20])}{' ...' if len(info['class_names']) > 20 else ''}.",
@@ -595,11 +597,19 @@ def load(path_or_name, ema: bool = True, **overrides) -> DiT:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)} for load(); use Config field names")
-        if isinstance(overrides.get("model"), str) and ":" in overrides["model"]:  # a variant spec, as --model takes
-            from .config import _apply_model_spec
-            overrides, _ = _apply_model_spec(dict(overrides), dict(overrides))
         over = Config(**overrides)
-        over._given = set(overrides)
+        given = set(overrides)
+        if isinstance(over.model, str) and ":" in over.model:  # a variant spec, as --model takes
+            from .config import parse_spec_options
+            opts = parse_spec_options(over.model.partition(":")[2], f"model {over.model!r}",
+                                      "e.g. Switch-DiT-S/2:lambda_dp=0")
+            for k, v in opts.items():  # given twice, even at a default value: which one is meant is unclear
+                if k in overrides and overrides[k] != v:
+                    raise ValueError(f"model {over.model!r} sets {k}={v} but {k}={overrides[k]} is given too; give "
+                                     "it once")
+            given |= set(opts)
+            over._apply_spec()
+        over._given = given
     if not src.startswith("pretrained:") and Path(src).is_dir():
         return _load_folder(Path(src), ema, over)
     return load_model(src, use_ema=ema, cfg_overrides=over)[0]

@@ -10,6 +10,7 @@ import copy
 import functools
 import inspect
 import math
+import os
 import dataclasses
 import time
 from contextlib import nullcontext
@@ -156,11 +157,19 @@ def preflight(cfg: Config) -> Config:
     if cfg.vae and not (Path(cfg.vae) / "config.json").is_file():  # found now, not when the first grid is drawn
         raise ValueError(f"--vae {cfg.vae}: no AutoencoderKL folder there (config.json + "
                          "diffusion_pytorch_model.safetensors); give the local VAE folder")
-    device = du.resolve_device(cfg.device)
+    device = du.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # (this process's GPU)
     if cfg.data != "latents":  # the model's own checks (latents: its input size is the data set's, read later)
         with torch.device("meta"):
             probe = build_model(cfg, 1, cfg.image_size, 1)
+    else:  # the parameters do not depend on the input size (the position embedding is a buffer)
+        try:
+            with torch.device("meta"):
+                probe = build_model(cfg, 4, parse_model_name(cfg.model)[2], 1)
+        except (ValueError, RuntimeError):  # (the build with the data set's sizes says what is wrong, later)
+            probe = None
+    if probe is not None:
         _check_fits_memory(cfg, sum(p.numel() for p in probe.parameters()), device)
+    if cfg.data != "latents":
         variant, _, patch = parse_model_name(cfg.model)
         tokens = (cfg.image_size // patch) ** 2
         if variant == "EC-MoE" and cfg.moe_scope == "sample" and cfg.moe_top_k * tokens % cfg.moe_experts:
@@ -179,17 +188,18 @@ def preflight(cfg: Config) -> Config:
 def _check_fits_memory(cfg: Config, num_params: int, device: torch.device) -> None:
     """A model whose weights, EMA, gradients and AdamW moments (5 float32 copies) exceed the device's whole memory
     is a one-line error now, not an out-of-memory kill after minutes (e.g. a typo in --moe-experts)."""
-    import os
-
     need = 5 * 4 * num_params
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # (no such query on this system: nothing to compare with)
+    try:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        elif device.type == "cpu":
+            page, pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
+            total = page * pages if page > 0 and pages > 0 else 0
+        else:
             return
-    if need > total:
+    except (ValueError, OSError, AttributeError, AssertionError, RuntimeError):  # nothing to compare with here
+        return
+    if total > 0 and need > total:  # (sysconf says -1 where it cannot tell)
         raise ValueError(f"{cfg.model} with these options has {num_params / 1e6:,.0f}M parameters: its weights, EMA, "
                          f"gradients and AdamW state need {need / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} "
                          f"GiB of {device.type}; choose a smaller model or fewer experts (--moe-experts, --num-experts)")
@@ -321,8 +331,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         check_compatible(saved, cfg, resume_path)
         changed = resumed_changes(saved["config"], cfg)
         if changed and info.is_main:  # (train(Config(...)) resumes with the Config's values, defaults included)
-            print(f"[switch-dit] resuming with options other than the checkpoint's: {'; '.join(changed)} "
-                  "(train --resume keeps the options not given; in Python, Config.from_run(RUN, ...) does)", flush=True)
+            print(f"[switch-dit] resuming with options other than the checkpoint's: {'; '.join(changed)}", flush=True)
         for key in ("model", "ema"):  # keys, shapes and finiteness, checked on 'meta' before anything is loaded
             build_checked(copy.deepcopy(cfg), saved[key], f"{resume_path} ({key})", model.num_classes, check_only=True)
         claims = {"in_channels": model.in_channels, "input_size": model.x_embedder.grid_size * model.patch_size,

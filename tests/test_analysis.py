@@ -100,7 +100,7 @@ def test_routing_record_agreement_is_that_of_the_best_matching_of_prior_columns(
         assert rec["prior_agreement"] >= (pattern == table[:, order]).mean() - 1e-12
 
 
-def test_analyze_cli_on_a_token_routed_model(tmp_path):
+def test_analyze_cli_on_a_token_routed_model(tmp_path, capsys):
     """analyze on TC-MoE / EC-MoE: the fraction of each timestep bin's tokens per expert, per block, from the run's
     own data noised to every bin, with the timestep information and the load balance in routing.json."""
     for name in ("TC-MoE-XS/2", "EC-MoE-XS/2"):
@@ -120,9 +120,20 @@ def test_analyze_cli_on_a_token_routed_model(tmp_path):
         assert summary["mean_null_information_bits"] >= 0
         assert summary["measured_on"]["data"] == "digits" and summary["measured_on"]["images"] > 0
     # digits is built in: a --data-path with it would be ignored, so it is refused (train and analyze)
+    capsys.readouterr()
     assert run_cli("analyze", out / "checkpoints" / "step_0000002.pt", "--data-path", tmp_path, "--out",
                    tmp_path / "x") == 2
+    assert "--data digits is scikit-learn's built-in set" in capsys.readouterr().err
     assert run_cli("train", *TINY, "--data-path", tmp_path, "--results-dir", tmp_path / "y") == 2
+    assert "--data-path" in capsys.readouterr().err and not (tmp_path / "y" / "checkpoints").exists()
+    # --data alone measures that data set, not in the run's recorded folder of another one; a record of digits with
+    # a path (accepted, and ignored, before the refusal) still loads
+    state = torch.load(out / "checkpoints" / "step_0000002.pt", weights_only=False)
+    for data, path in (("fashion-mnist", str(tmp_path / "nowhere")), ("digits", str(tmp_path))):
+        state["config"].update(data=data, data_path=path)
+        torch.save(state, tmp_path / "edited.pt")
+        assert run_cli("analyze", tmp_path / "edited.pt", "--data", "digits", "--out", tmp_path / data) == 0
+        assert json.loads((tmp_path / data / "routing.json").read_text())["measured_on"]["data_path"] is None
 
 
 def test_routing_information_is_zero_without_and_maximal_with_timestep_specialisation():

@@ -39,8 +39,10 @@ def test_load_reads_every_format_to_the_same_model(run, tmp_path):
     # a variant spec, as --model takes: the recorded options agree, a contradicting one is refused
     k = model.config.top_k
     assert switch_dit.load(ckpt, model=f"Switch-DiT-XS/2:top_k={k}").config.top_k == k
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match=rf"top_k={3 - k} \(the file records {k}\)"):
         switch_dit.load(ckpt, model=f"Switch-DiT-XS/2:top_k={3 - k}")
+    with pytest.raises(ValueError, match=f"sets top_k={3 - k} but top_k={k} is given too"):
+        switch_dit.load(ckpt, model=f"Switch-DiT-XS/2:top_k={3 - k}", top_k=k)
     # the folder is a model for every command too
     assert run_cli("sample", tmp_path / "folder", "--num-sampling-steps", 2, "--out", tmp_path / "g.png") == 0
     assert run_cli("export", ckpt, "--format", "folder", "--out", tmp_path / "f2") == 0
@@ -171,7 +173,7 @@ def test_config_from_run_resumes_with_the_runs_own_options(tmp_path, capsys):
     assert (cfg.model, cfg.lr, cfg.global_batch_size, cfg.ckpt_every) == ("DiT-XS/2", 3e-4, 8, 1)
     assert (cfg.resume, cfg.results_dir) == ("auto", str(out))
     switch_dit.train(cfg, progress=False)
-    assert "other than the checkpoint's: max_steps: checkpoint 2, now 3 (" in capsys.readouterr().out
+    assert "other than the checkpoint's: max_steps: checkpoint 2, now 3\n" in capsys.readouterr().out
     assert load_state(out / "checkpoints" / "step_0000003.pt")["config"]["global_batch_size"] == 8
     ckpt = out / "checkpoints" / "step_0000003.pt"  # a checkpoint: resume from it, in its own run folder
     assert (switch_dit.Config.from_run(ckpt).resume, switch_dit.Config.from_run(ckpt).results_dir) == (str(ckpt), str(out))

@@ -146,3 +146,21 @@ def test_each_case_a_hostile_tester_found_is_one_line(tmp_path, capsys):
         assert words in err, (args, err)
     assert not (tmp_path / "c" / "runs").exists()  # compare refused before any training
     del _json
+
+
+def test_the_memory_check_covers_latent_models_and_machines_that_cannot_tell(monkeypatch):
+    """A model too large for the device is refused before anything is allocated, for latent data too (its input
+    size is the data set's, but its parameters do not depend on it); where the system cannot say its memory
+    (sysconf -1), nothing is refused."""
+    import os
+
+    import torch
+
+    from switch_dit.config import Config
+    from switch_dit.train import _check_fits_memory, preflight
+
+    with pytest.raises(ValueError, match="GiB, more than the"):
+        preflight(Config(model="EC-MoE-XS/4", moe_experts=100_000, data="latents", data_path="/nonexistent"))
+    preflight(Config(model="EC-MoE-XS/4", data="latents", data_path="/nonexistent"))  # a model that fits
+    monkeypatch.setattr(os, "sysconf", lambda name: -1)
+    _check_fits_memory(Config(), 10**12, torch.device("cpu"))

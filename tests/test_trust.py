@@ -229,6 +229,9 @@ def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys)
             assert json.loads(str(d["manifest"]))["provenance"]["data"] is None
         assert run_cli("evaluate", "--npz", tmp_path / "s.npz") == 2
         assert "say what to compare the samples with" in capsys.readouterr().err
+        switch_dit.load(tmp_path / "bare.pt", model=name).save_pretrained(tmp_path / "folder")  # nor its card
+        card = (tmp_path / "folder" / "README.md").read_text()
+        assert "are not recorded" in card and "trained with" not in card
     assert run_cli("sample", tmp_path / "bare.pt", "--model", name, "--num-sampling-steps", 2,
                    "--out", tmp_path / "g.png") == 0
     other = "DiT-XS/4" if name != "DTR-XS/4" else "Switch-DiT-XS/4"
