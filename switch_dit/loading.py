@@ -296,11 +296,34 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
     explicit = (given or _non_default(cfg_overrides)) if cfg_overrides is not None else set()
     if "model" not in recorded and "model" not in explicit:
         cfg.model = _name_from_tensors(state, path, variant)  # nobody named the model: the tensors do
+    _sizes_from_tensors(cfg, state, path, explicit)
     cfg.validate()
     model = build_checked(cfg, state, path)
     _fit_foreign_config(cfg, cfg_overrides, explicit, model, path)
     names = [str(i) for i in range(model.num_classes)]  # other code's files name no classes (nor their data)
     return _attach(model.eval(), cfg, None, names, str(path)), cfg, None
+
+
+def _sizes_from_tensors(cfg: Config, state: dict, path, explicit: set) -> None:
+    """The routing sizes the tensors fix, set before the options are checked against each other (top_k=4 is
+    valid for weights of 6 experts, whatever the default number of experts); explicit values are compared after
+    the build. Nothing is set where the named model is of another family (its build says so)."""
+    from .models.dit import parse_model_name
+
+    try:
+        arch = infer_architecture(state, path)
+        family = _FAMILY.get(parse_model_name(cfg.model.partition(":")[0])[0])
+    except ValueError:  # (a damaged file or a bad name: reported by the build and the checks)
+        return
+    if family != arch["family"]:
+        return
+    keys = {"Switch-DiT": ("num_experts",), "TC-MoE/EC-MoE": ("moe_experts", "moe_shared", "moe_top_k"),
+            "DiffMoE": ("moe_experts", "moe_shared", "moe_top_k")}.get(family, ())
+    for k in keys:
+        if k not in explicit:
+            setattr(cfg, k, arch[k])
+    if family == "Switch-DiT" and "top_k" not in explicit:
+        cfg.top_k = min(cfg.top_k, cfg.num_experts)
 
 
 def _fit_foreign_config(cfg: Config, overrides: Config | None, explicit: set, model: DiT, path) -> None:

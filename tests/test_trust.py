@@ -194,6 +194,17 @@ def test_a_one_class_dit_state_dict_keeps_its_null_row(tmp_path):
                    "--cfg-scale", 2, "--out", tmp_path / "g.png") == 0
 
 
+def test_a_bare_switch_dit_takes_a_top_k_its_own_experts_allow(tmp_path):
+    """The tensors' number of experts is set before the options are checked: top_k=4 fits weights of 6 experts
+    (it was refused against the default 3), and a top_k above them is refused against the weights' 6."""
+    model = create_model("Switch-DiT-XS/4", input_size=8, in_channels=1, num_classes=10, num_experts=6, top_k=4)
+    torch.save(model.state_dict(), tmp_path / "six.pt")
+    loaded = switch_dit.load(tmp_path / "six.pt", model="Switch-DiT-XS/4", top_k=4)
+    assert (loaded.config.num_experts, loaded.config.top_k) == (6, 4)
+    with pytest.raises(ValueError, match="--num-experts=6"):
+        switch_dit.load(tmp_path / "six.pt", model="Switch-DiT-XS/4", top_k=7)
+
+
 @pytest.mark.parametrize("name", ["Switch-DiT-XS/4", "DTR-XS/4", "TC-MoE-XS/4", "EC-MoE-XS/4"])
 def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys):
     from switch_dit.loading import load_model
