@@ -236,6 +236,9 @@ def _evaluate(args) -> int:
     if args.model and not args.ckpt_flag:
         raise ValueError("--model names the model of a --ckpt state dict; samples (--npz, --images) and --pretrained "
                          "need none: leave it out")
+    if args.vae and not (args.ckpt_flag or args.pretrained):
+        raise ValueError("--vae decodes the samples of a --ckpt latent model; --npz and --images hold images already: "
+                         "leave it out")
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
     for d in (cache_dir, cache_dir / "refstats"):  # before any sampling or feature extraction
         if d.exists() and not d.is_dir():
@@ -253,7 +256,10 @@ def _evaluate(args) -> int:
             overrides._given = set(values)
         model, cfg, step = load_model_for_sampling(args.ckpt, cfg_overrides=overrides)
         apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
-                                           "global_seed", "noise_schedule"))
+                                           "global_seed", "noise_schedule", "vae"))
+        if model.in_channels not in (1, 3) and not cfg.vae:  # now, not after the reference features
+            raise ValueError(f"{args.ckpt} makes {model.in_channels}-channel latents and records no VAE to decode "
+                             "them: pass --vae FOLDER (the AutoencoderKL it was trained with)")
         if step is not None:  # (other code's state dicts, and models saved from them, record no training data)
             origin = dict(data=cfg.data, path=cfg.data_path, split="train", size=cfg.image_size, vae=cfg.vae,
                           why="the checkpoint's training data")
@@ -525,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ckpt: override the noise schedule the checkpoint records")
     p.add_argument("--model", help="with --ckpt of another program's state dict: its model, as sample's --model "
                                    "(a switch-dit file records its own)")
+    p.add_argument("--vae", help="with --ckpt: the AutoencoderKL folder that decodes a latent model's samples "
+                                 "(default: the one the checkpoint records)")
     p.add_argument("--compile", action="store_true", help="with --ckpt: torch.compile the model for sampling")
     p.add_argument("--features", choices=["fmnist-classifier", "inception"],
                    help="default: fmnist-classifier for Fashion-MNIST references, inception otherwise")

@@ -240,6 +240,12 @@ def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys)
             assert json.loads(str(d["manifest"]))["provenance"]["data"] is None
         assert run_cli("evaluate", "--npz", tmp_path / "s.npz") == 2
         assert "say what to compare the samples with" in capsys.readouterr().err
+        assert run_cli("evaluate", "--npz", tmp_path / "s.npz", "--vae", tmp_path) == 2  # (images need no VAE)
+        latent = create_model("DiT-XS/4", input_size=8, in_channels=4, num_classes=10)
+        torch.save(latent.state_dict(), tmp_path / "latent.pt")  # a latent model without a VAE: said up front
+        assert run_cli("evaluate", "--ckpt", tmp_path / "latent.pt", "--model", "DiT-XS/4", "--ref-data",
+                       "digits", "--num-samples", 4) == 2
+        assert "4-channel latents and records no VAE" in capsys.readouterr().err
         switch_dit.load(tmp_path / "bare.pt", model=name).save_pretrained(tmp_path / "folder")  # nor its card
         card = (tmp_path / "folder" / "README.md").read_text()
         assert "are not recorded" in card and "trained with" not in card
