@@ -317,6 +317,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
     start_step = 0
+    carried = None  # the log interval a checkpoint was saved in: its loss sums and routing counters so far
     health: dict[int, float] = {}  # checkpoint step -> the loss measured with its weights (the next step's)
     trace = {"smoothed": None, "best": math.inf, "reads": 0}  # the run's smoothed loss and its best, for the advice
     resume_path = ckpt.resolve_resume(cfg.resume, results)
@@ -342,6 +343,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                                        "resume from an earlier checkpoint or use another --results-dir")
         health = {int(k): float(v) for k, v in (saved.get("health") or {}).items()}
         trace.update(saved.get("loss_trace") or {})
+        carried = _carried_interval(saved.get("log_interval"), cfg, saved["step"])
         try:
             model.load_state_dict(saved["model"])
             ema.load_state_dict(saved["ema"])
@@ -399,9 +401,14 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
     model.train()
     history: list[dict] = []
-    t_last, steps_since = time.time(), 0
+    t_last, steps_since, timed = time.time(), 0, 0
     # Losses summed on the device over the log interval (no host sync per step); logged as interval means.
     interval_sums = torch.zeros(4, device=device)
+    if carried is not None:  # resumed inside a log interval: it goes on from where the checkpoint left it
+        interval_sums += carried["sums"].to(device)
+        steps_since = carried["steps"]
+        if carried["routing"] is not None and model.mixtures and info.is_main:  # (summed over processes when logged)
+            model.mixtures[0].stats += carried["routing"].to(device)
     last_saved = resume_path
     step = start_step
     probe = start_step if resume_path is not None else None  # the checkpoint whose weights this step's loss measures
@@ -469,6 +476,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                                           terms["vb"].detach().float().mean(), terms["aux"].detach().float()])
             step += 1
             steps_since += 1
+            timed += 1
             if budget is not None:
                 budget = _apply_time_budget(cfg, budget, step, results, bar, info)
 
@@ -486,10 +494,10 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                     vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)
                     vals["moe_tokens_without_routed_expert"] = unrouted / max(tokens, 1.0)
                 now = time.time()
-                vals["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
+                vals["steps_per_sec"] = timed / max(now - t_last, 1e-9)
                 vals["lr"] = lr
                 vals.update(weighting.log_values())
-                t_last, steps_since = now, 0
+                t_last, steps_since, timed = now, 0, 0
                 history.append({"step": step, **vals})
                 if info.is_main:
                     logger.scalars({f"train/{k}": v for k, v in vals.items()}, step)
@@ -512,9 +520,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                     raise TrainingDiverged(divergence_message(float("nan"), step, cfg, results / "checkpoints",
                                                               health, trace["best"]))
+                interval = {"sums": _mean_over_ranks(interval_sums).cpu(), "steps": steps_since,  # (every process)
+                            "routing": _peek_routing_counters(model)}
                 if info.is_main:
                     last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health,
-                                                     getattr(dataset, "class_names", None), trace)
+                                                     getattr(dataset, "class_names", None), trace, interval)
                 probe = step
                 du.barrier()
     finally:
@@ -555,7 +565,8 @@ def _apply_time_budget(cfg: Config, budget: dict, step: int, results: Path, bar,
 
 
 def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: DiT, opt, weighting, scaler,
-                        health: dict[int, float] | None = None, class_names=None, trace: dict | None = None) -> Path:
+                        health: dict[int, float] | None = None, class_names=None, trace: dict | None = None,
+                        interval: dict | None = None) -> Path:
     state = {
         "format": ckpt.FORMAT,
         "step": step,
@@ -574,11 +585,36 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
         "class_names": list(class_names) if class_names else None,
         "health": {int(k): float(v) for k, v in (health or {}).items()},
         "loss_trace": dict(trace) if trace else None,  # smoothed training loss at this save and the run's best
+        "log_interval": interval,  # the open log interval (loss sums, steps, routing counters): a resume logs it whole
     }
     path = ckpt.atomic_save(state, ckpt.checkpoint_path(results / "checkpoints", step))
     good = ckpt.last_good_step(health or {}, best=(trace or {}).get("best"))
     ckpt.prune(results / "checkpoints", cfg.keep_last, keep={good} if good is not None else None)
     return path
+
+
+def _peek_routing_counters(model: DiT) -> torch.Tensor | None:
+    """The routing counters of the open log interval, summed over blocks and processes, left in place."""
+    if not model.mixtures:
+        return None
+    v = torch.stack([m.stats for m in model.mixtures]).sum(0)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(v)
+    return v.cpu()
+
+
+def _carried_interval(entry, cfg: Config, step) -> dict | None:
+    """A checkpoint's open log interval, if it is whole and fits this run's --log-every (else the next log covers
+    the steps since the resume, as for checkpoints written before the interval was saved)."""
+    def vector(v):
+        return isinstance(v, torch.Tensor) and v.shape == (4,) and v.is_floating_point() and bool(torch.isfinite(v).all())
+
+    if not isinstance(entry, dict) or not vector(entry.get("sums")) or not isinstance(entry.get("steps"), int):
+        return None
+    steps, routing = entry["steps"], entry.get("routing")
+    if not (0 <= steps < cfg.log_every and steps <= step and isinstance(step, int) and step % cfg.log_every == steps):
+        return None  # (another --log-every than the run's: the interval does not continue)
+    return {"sums": entry["sums"].float(), "steps": steps, "routing": routing if vector(routing) else None}
 
 
 def routing_counters(model: DiT) -> list[float]:

@@ -49,6 +49,31 @@ def test_resume_is_exact(tmp_path, model):
     assert [m["train/mse"] for m in ma] == pytest.approx([m["train/mse"] for m in mb], rel=1e-5)
 
 
+def test_a_resume_inside_a_log_interval_logs_it_whole(tmp_path):
+    """A checkpoint between two --log-every boundaries saves the open interval (loss sums, steps, routing counters),
+    so the resumed run logs the same means as the uninterrupted one, the drop fraction included; a checkpoint
+    whose interval does not fit the resumed run's --log-every is resumed with a fresh interval."""
+    opts = dict(model="TC-MoE-XS/2", data="digits", image_size=8, global_batch_size=8, log_every=5, ckpt_every=7,
+                tensorboard=False, device="cpu")
+    train(Config(results_dir=str(tmp_path / "a"), max_steps=15, **opts), progress=False)
+    train(Config(results_dir=str(tmp_path / "b"), max_steps=10, **opts), progress=False)
+    seven = tmp_path / "b" / "checkpoints" / "step_0000007.pt"
+    assert load_state(seven)["log_interval"]["steps"] == 2  # steps 6 and 7 of the interval ending at 10
+    (tmp_path / "step7.pt").write_bytes(seven.read_bytes())  # (the resumed run prunes it)
+    train(Config.from_run(seven, max_steps=15), progress=False)  # as a kill after step 7 would leave it
+    ma, mb = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [5, 10, 15]
+    for x, y in zip(ma, mb):
+        for k in ("train/loss", "train/mse", "train/balance_loss", "train/moe_dropped_slots",
+                  "train/moe_tokens_without_routed_expert"):
+            assert x[k] == y[k], (x["step"], k)
+    assert mb[1]["train/moe_dropped_slots"] > 0
+    # another --log-every on resume: the saved interval does not continue it (the next log covers the new steps)
+    train(Config.from_run(tmp_path / "step7.pt", max_steps=9, log_every=4, results_dir=str(tmp_path / "c")),
+          progress=False)
+    assert [m["step"] for m in read_metrics(tmp_path / "c" / "metrics.jsonl")] == [8, 9]
+
+
 def test_metrics_log_drops_lines_past_the_resume_step(tmp_path):
     from switch_dit.integrations import RunLogger
 
