@@ -52,6 +52,7 @@ def _sample(args) -> int:
     overrides = config_from_args(args, validate=False)  # --model etc. for other code's state dicts
     model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
     apply_sampling_options(cfg, args)  # the command line wins over the checkpoint's options
+    _check_vae_fits(model, cfg, args, latents_need_one=False)  # (a latent grid without a VAE shows the latents)
     if args.compile:  # this command's flag only, never the training run's --compile
         from .sample import compile_for_sampling
         compile_for_sampling(model)
@@ -215,6 +216,17 @@ def _extract(args) -> int:
     return 0
 
 
+def _check_vae_fits(model, cfg, args, latents_need_one: bool = True) -> None:
+    """A latent model needs a VAE to decode its samples (to be scored); a pixel model (1 or 3 channels) has none to
+    take."""
+    if latents_need_one and model.in_channels not in (1, 3) and not cfg.vae:
+        raise ValueError(f"{args.ckpt} makes {model.in_channels}-channel latents and records no VAE to decode them: "
+                         "pass --vae FOLDER (the AutoencoderKL it was trained with)")
+    if model.in_channels in (1, 3) and getattr(args, "vae", None):
+        raise ValueError(f"{args.ckpt} makes {model.in_channels}-channel images, not latents: --vae does not apply; "
+                         "leave it out")
+
+
 def _evaluate(args) -> int:
     import json
 
@@ -257,9 +269,7 @@ def _evaluate(args) -> int:
         model, cfg, step = load_model_for_sampling(args.ckpt, cfg_overrides=overrides)
         apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
                                            "global_seed", "noise_schedule", "vae"))
-        if model.in_channels not in (1, 3) and not cfg.vae:  # now, not after the reference features
-            raise ValueError(f"{args.ckpt} makes {model.in_channels}-channel latents and records no VAE to decode "
-                             "them: pass --vae FOLDER (the AutoencoderKL it was trained with)")
+        _check_vae_fits(model, cfg, args)  # now, not after the reference features
         if step is not None:  # (other code's state dicts, and models saved from them, record no training data)
             origin = dict(data=cfg.data, path=cfg.data_path, split="train", size=cfg.image_size, vae=cfg.vae,
                           why="the checkpoint's training data")

@@ -102,7 +102,15 @@ class Config:
             values["results_dir"] = str(Path(run).parent.parent)
         elif "results_dir" not in changes:
             raise ValueError(f"{run} lies outside a run's checkpoints/ folder: give results_dir= for the continued run")
-        return cls(**{**values, "resume": ns.resume, **changes})
+        resume = ns.resume
+        if folder and "results_dir" in changes and Path(changes["results_dir"]).resolve() != Path(run).resolve():
+            from .checkpoint import resolve_resume  # continued elsewhere: from this run's newest checkpoint
+
+            newest = resolve_resume("auto", run)
+            if newest is None:
+                raise ValueError(f"{run} holds no checkpoint to continue from in {changes['results_dir']}")
+            resume = str(newest)
+        return cls(**{**values, "resume": resume, **changes})
 
     def _apply_spec(self) -> None:
         """'NAME:option=value,...' in model sets those options; one also set here to another non-default value is a

@@ -404,6 +404,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     t_last, steps_since, timed = time.time(), 0, 0
     # Losses summed on the device over the log interval (no host sync per step); logged as interval means.
     interval_sums = torch.zeros(4, device=device)
+    if carried is not None and model.mixtures and carried["routing"] is None:
+        carried = None  # (loss sums without the routing counters: the interval would mix two spans)
     if carried is not None:  # resumed inside a log interval: it goes on from where the checkpoint left it
         interval_sums += carried["sums"].to(device)
         steps_since = carried["steps"]
@@ -609,12 +611,17 @@ def _carried_interval(entry, cfg: Config, step) -> dict | None:
     def vector(v):
         return isinstance(v, torch.Tensor) and v.shape == (4,) and v.is_floating_point() and bool(torch.isfinite(v).all())
 
-    if not isinstance(entry, dict) or not vector(entry.get("sums")) or not isinstance(entry.get("steps"), int):
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(entry, dict) or not vector(entry.get("sums")) or not count(entry.get("steps")) or not count(step):
         return None
     steps, routing = entry["steps"], entry.get("routing")
-    if not (0 <= steps < cfg.log_every and steps <= step and isinstance(step, int) and step % cfg.log_every == steps):
+    if not (0 <= steps < cfg.log_every and steps <= step and step % cfg.log_every == steps):
         return None  # (another --log-every than the run's: the interval does not continue)
-    return {"sums": entry["sums"].float(), "steps": steps, "routing": routing if vector(routing) else None}
+    if (steps == 0 and entry["sums"].any()) or (routing is not None and not vector(routing)):
+        return None  # (an empty interval with sums, or counters that are not counters: not a whole entry)
+    return {"sums": entry["sums"].float(), "steps": steps, "routing": routing}
 
 
 def routing_counters(model: DiT) -> list[float]:

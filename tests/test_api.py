@@ -181,6 +181,8 @@ def test_config_from_run_resumes_with_the_runs_own_options(tmp_path, capsys):
                                        resume="auto", max_steps=4, tensorboard=False), progress=False)
     said = capsys.readouterr().out
     assert "global_batch_size: checkpoint 8, now 256" in said and "log_every: checkpoint 1, now 100" in said
+    elsewhere = switch_dit.Config.from_run(out, results_dir=str(tmp_path / "e"))  # continued in another folder:
+    assert elsewhere.resume == str(out / "checkpoints" / "step_0000004.pt")  # from this run's newest checkpoint
     for bad in (tmp_path / "none", tmp_path):
         with pytest.raises(ValueError, match="is no run"):
             switch_dit.Config.from_run(bad)

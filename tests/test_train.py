@@ -72,6 +72,15 @@ def test_a_resume_inside_a_log_interval_logs_it_whole(tmp_path):
     train(Config.from_run(tmp_path / "step7.pt", max_steps=9, log_every=4, results_dir=str(tmp_path / "c")),
           progress=False)
     assert [m["step"] for m in read_metrics(tmp_path / "c" / "metrics.jsonl")] == [8, 9]
+    # an entry that is not whole is not carried: the next log covers the steps since the resume
+    from switch_dit.train import _carried_interval
+
+    cfg, good = Config(log_every=5), {"sums": torch.ones(4), "steps": 2, "routing": torch.ones(4)}
+    assert _carried_interval(good, cfg, 7)["steps"] == 2
+    for bad, at in [({**good, "steps": True}, 7), ({**good, "steps": 0}, 5), ({**good, "routing": "x"}, 7),
+                    ({**good, "sums": torch.tensor([1.0, float("nan"), 0, 0])}, 7), (good, 8), (good, None),
+                    ({**good, "steps": 2.0}, 7), ("garbage", 7)]:
+        assert _carried_interval(bad, cfg, at) is None, (bad, at)
 
 
 def test_metrics_log_drops_lines_past_the_resume_step(tmp_path):

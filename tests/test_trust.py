@@ -241,6 +241,9 @@ def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys)
         assert run_cli("evaluate", "--npz", tmp_path / "s.npz") == 2
         assert "say what to compare the samples with" in capsys.readouterr().err
         assert run_cli("evaluate", "--npz", tmp_path / "s.npz", "--vae", tmp_path) == 2  # (images need no VAE)
+        for cmd in (["evaluate", "--ckpt"], ["sample"]):  # nor does a pixel model
+            assert run_cli(*cmd, tmp_path / "bare.pt", "--model", name, "--vae", tmp_path, "--out", tmp_path / "v.png") == 2
+            assert "images, not latents: --vae does not apply" in capsys.readouterr().err
         latent = create_model("DiT-XS/4", input_size=8, in_channels=4, num_classes=10)
         torch.save(latent.state_dict(), tmp_path / "latent.pt")  # a latent model without a VAE: said up front
         assert run_cli("evaluate", "--ckpt", tmp_path / "latent.pt", "--model", "DiT-XS/4", "--ref-data",
