@@ -259,13 +259,9 @@ def _evaluate(args) -> int:
     if args.ckpt_flag or args.pretrained:
         _resolve_checkpoint_argument(args)
         from .sample import load_model_for_sampling, resolve_pretrained, sample_images
-        overrides = None
-        if args.model:  # other code's state dict: its model, as sample's --model (a variant spec too)
-            from .config import Config, _apply_model_spec
-            values = {"model": args.model}
-            values = _apply_model_spec(values, dict(values))[0] if ":" in args.model else values
-            overrides = Config(**values)
-            overrides._given = set(values)
+        from .loading import overrides_config
+        # other code's state dict: its model, as sample's --model (a variant spec too)
+        overrides = overrides_config({"model": args.model}) if args.model else None
         model, cfg, step = load_model_for_sampling(args.ckpt, cfg_overrides=overrides)
         apply_sampling_options(cfg, args, ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
                                            "global_seed", "noise_schedule", "vae"))

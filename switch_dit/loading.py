@@ -551,13 +551,17 @@ def save_pretrained(model: DiT, folder, config: Config | None = None, step: int 
     tmp.replace(folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(info, indent=1) + "\n")
     card = card or {}
+    size = f"{info['input_size']}x{info['input_size']}"
+    if step is not None:
+        origin = (f"per token) trained with [switch-dit](https://github.com/) on {cfg.data}"
+                  f"{f' ({cfg.data_path})' if cfg.data_path else ''} at {size}, objective {cfg.objective}, "
+                  f"{step} steps.")
+    else:  # another program's weights: what they were trained on is not known here
+        origin = (f"per token, {size}) loaded from another program's weights (its training data and steps are not "
+                  "recorded).")
     lines = [f"# {cfg.model}", "",
              f"A {cfg.model} ({info['parameters'] / 1e6:.2f}M parameters, {info['active_parameters'] / 1e6:.2f}M active "
-             + (f"per token) trained with [switch-dit](https://github.com/) on {cfg.data}"
-              f"{f' ({cfg.data_path})' if cfg.data_path else ''} at {info['input_size']}x{info['input_size']}, "
-              f"objective {cfg.objective}, {step} steps." if step is not None else
-              f"per token, {info['input_size']}x{info['input_size']}) loaded from another program's weights "
-              "(its training data and steps are not recorded)."), "",
+             + origin, "",
              "```python", "import switch_dit", f"pipe = switch_dit.Pipeline.from_pretrained({str(folder)!r})",
              "images = pipe(class_labels=[0, 1], generator=__import__('torch').Generator().manual_seed(0))", "```", "",
              f"Classes: {', '.join(info['class_names'][:20])}{' ...' if len(info['class_names']) > 20 else ''}.",
@@ -620,22 +624,29 @@ def load(path_or_name, ema: bool = True, **overrides) -> DiT:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)} for load(); use Config field names")
-        over = Config(**overrides)
-        given = set(overrides)
-        if isinstance(over.model, str) and ":" in over.model:  # a variant spec, as --model takes
-            from .config import parse_spec_options
-            opts = parse_spec_options(over.model.partition(":")[2], f"model {over.model!r}",
-                                      "e.g. Switch-DiT-S/2:lambda_dp=0")
-            for k, v in opts.items():  # given twice, even at a default value: which one is meant is unclear
-                if k in overrides and overrides[k] != v:
-                    raise ValueError(f"model {over.model!r} sets {k}={v} but {k}={overrides[k]} is given too; give "
-                                     "it once")
-            given |= set(opts)
-            over._apply_spec()
-        over._given = given
+        over = overrides_config(overrides)
     if not src.startswith("pretrained:") and Path(src).is_dir():
         return _load_folder(Path(src), ema, over)
     return load_model(src, use_ema=ema, cfg_overrides=over)[0]
+
+
+def overrides_config(overrides: dict) -> Config:
+    """The Config of options given to complete or override a file's (load()'s keywords, evaluate's --model), with
+    the names given in ``_given``; a variant spec as ``model`` sets its options, and one also given with another
+    value (even the default) is refused."""
+    over = Config(**overrides)
+    given = set(overrides)
+    if isinstance(over.model, str) and ":" in over.model:  # a variant spec, as --model takes
+        from .config import parse_spec_options
+        opts = parse_spec_options(over.model.partition(":")[2], f"model {over.model!r}",
+                                  "e.g. Switch-DiT-S/2:lambda_dp=0")
+        for k, v in opts.items():  # given twice, even at a default value: which one is meant is unclear
+            if k in overrides and overrides[k] != v:
+                raise ValueError(f"model {over.model!r} sets {k}={v} but {k}={overrides[k]} is given too; give it once")
+        given |= set(opts)
+        over._apply_spec()
+    over._given = given
+    return over
 
 
 def _from_pretrained(cls, path_or_name, **kwargs) -> DiT:

@@ -85,22 +85,26 @@ def check_compatible(saved: dict, cfg: Config, path) -> None:
     """A checkpoint of another model or architecture config gives a clear error naming the differences."""
     if saved.get("format") != ckpt.FORMAT:
         raise ckpt.CheckpointError(f"{path} is not a switch-dit training checkpoint (format {saved.get('format')!r})")
-    old = drop_ignored(saved["config"])
-    defaults = Config()  # fields newer than the checkpoint have their default value there
-    diffs = [f"{k}: checkpoint {old.get(k, getattr(defaults, k))!r} vs now {getattr(cfg, k)!r}"
-             for k in ARCH_FIELDS + ("image_size", "data") if old.get(k, getattr(defaults, k)) != getattr(cfg, k)]
+    diffs = [f"{k}: checkpoint {a!r} vs now {b!r}"
+             for k, a, b in config_differences(saved["config"], cfg, ARCH_FIELDS + ("image_size", "data"))]
     if diffs:
         raise ckpt.CheckpointError(f"checkpoint {path} belongs to another model/config ({'; '.join(diffs)}); "
                                    "use matching options or another --results-dir")
 
 
+def config_differences(recorded: dict, cfg: Config, keys) -> list[tuple]:
+    """(name, recorded value, value now) for each of ``keys`` where a recorded config and cfg differ; fields newer
+    than the record count with their default, options its model ignores with theirs (drop_ignored)."""
+    old, defaults = drop_ignored(recorded), Config()
+    return [(k, old.get(k, getattr(defaults, k)), getattr(cfg, k)) for k in keys
+            if old.get(k, getattr(defaults, k)) != getattr(cfg, k)]
+
+
 def resumed_changes(recorded: dict, cfg: Config) -> list[str]:
     """'name: checkpoint X, now Y' for each option a resume changes (where the run's folder and the resume itself
     are not options of the run)."""
-    old, defaults = drop_ignored(recorded), Config()
-    return [f"{f.name}: checkpoint {old.get(f.name, getattr(defaults, f.name))!r}, now {getattr(cfg, f.name)!r}"
-            for f in dataclasses.fields(Config) if f.name not in ("results_dir", "resume")
-            and old.get(f.name, getattr(defaults, f.name)) != getattr(cfg, f.name)]
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in ("results_dir", "resume")]
+    return [f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in config_differences(recorded, cfg, keys)]
 
 
 def rng_state() -> dict:
@@ -161,15 +165,6 @@ def preflight(cfg: Config) -> Config:
     if cfg.data != "latents":  # the model's own checks (latents: its input size is the data set's, read later)
         with torch.device("meta"):
             probe = build_model(cfg, 1, cfg.image_size, 1)
-    else:  # the parameters do not depend on the input size (the position embedding is a buffer)
-        try:
-            with torch.device("meta"):
-                probe = build_model(cfg, 4, parse_model_name(cfg.model)[2], 1)
-        except (ValueError, RuntimeError):  # (the build with the data set's sizes says what is wrong, later)
-            probe = None
-    if probe is not None:
-        _check_fits_memory(cfg, sum(p.numel() for p in probe.parameters()), device)
-    if cfg.data != "latents":
         variant, _, patch = parse_model_name(cfg.model)
         tokens = (cfg.image_size // patch) ** 2
         if variant == "EC-MoE" and cfg.moe_scope == "sample" and cfg.moe_top_k * tokens % cfg.moe_experts:
@@ -180,6 +175,14 @@ def preflight(cfg: Config) -> Config:
             raise ValueError(f"EC-MoE with moe_scope=sample: each expert would take moe_top_k x tokens per sample / "
                              f"moe_experts = {cfg.moe_top_k} x {tokens} / {cfg.moe_experts} tokens, not a whole "
                              f"number; use moe_top_k in {fits}, another moe_experts, or moe_scope=batch")
+    else:  # the parameters do not depend on the input size (the position embedding is a buffer)
+        try:
+            with torch.device("meta"):
+                probe = build_model(cfg, 4, parse_model_name(cfg.model)[2], 1)
+        except (ValueError, RuntimeError):  # (the build with the data set's sizes says what is wrong, later)
+            probe = None
+    if probe is not None:
+        _check_fits_memory(cfg, sum(p.numel() for p in probe.parameters()), device)
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb needs the wandb package: pip install 'switch-dit[wandb]'")
     return cfg
@@ -343,7 +346,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                                        "resume from an earlier checkpoint or use another --results-dir")
         health = {int(k): float(v) for k, v in (saved.get("health") or {}).items()}
         trace.update(saved.get("loss_trace") or {})
-        carried = _carried_interval(saved.get("log_interval"), cfg, saved["step"])
+        carried = _carried_interval(saved.get("log_interval"), cfg, saved["step"], counters=bool(model.mixtures))
         try:
             model.load_state_dict(saved["model"])
             ema.load_state_dict(saved["ema"])
@@ -404,12 +407,10 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     t_last, steps_since, timed = time.time(), 0, 0
     # Losses summed on the device over the log interval (no host sync per step); logged as interval means.
     interval_sums = torch.zeros(4, device=device)
-    if carried is not None and model.mixtures and carried["routing"] is None:
-        carried = None  # (loss sums without the routing counters: the interval would mix two spans)
     if carried is not None:  # resumed inside a log interval: it goes on from where the checkpoint left it
         interval_sums += carried["sums"].to(device)
         steps_since = carried["steps"]
-        if carried["routing"] is not None and model.mixtures and info.is_main:  # (summed over processes when logged)
+        if model.mixtures and info.is_main:  # (the counters are summed over processes when logged)
             model.mixtures[0].stats += carried["routing"].to(device)
     last_saved = resume_path
     step = start_step
@@ -492,7 +493,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                     aux_name = "predictor_loss" if hasattr(model.mixtures[0], "predictor") else "balance_loss"
                 vals = dict(zip(("loss", "mse", "vb", aux_name) if aux_name else ("loss", "mse", "vb"), means))
                 if model.mixtures:  # every process's routing counters over the interval (one host read per log)
-                    tokens, computed, dropped, unrouted = routing_counters(model)
+                    tokens, computed, dropped, unrouted = routing_counters(model).tolist()
                     vals["moe_dropped_slots"] = dropped / max(computed + dropped, 1.0)
                     vals["moe_tokens_without_routed_expert"] = unrouted / max(tokens, 1.0)
                 now = time.time()
@@ -523,7 +524,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                     raise TrainingDiverged(divergence_message(float("nan"), step, cfg, results / "checkpoints",
                                                               health, trace["best"]))
                 interval = {"sums": _mean_over_ranks(interval_sums).cpu(), "steps": steps_since,  # (every process)
-                            "routing": _peek_routing_counters(model)}
+                            "routing": routing_counters(model, reset=False) if model.mixtures else None}
                 if info.is_main:
                     last_saved = save_training_state(results, step, cfg, model, ema, opt, weighting, scaler, health,
                                                      getattr(dataset, "class_names", None), trace, interval)
@@ -595,19 +596,10 @@ def save_training_state(results: Path, step: int, cfg: Config, model: DiT, ema: 
     return path
 
 
-def _peek_routing_counters(model: DiT) -> torch.Tensor | None:
-    """The routing counters of the open log interval, summed over blocks and processes, left in place."""
-    if not model.mixtures:
-        return None
-    v = torch.stack([m.stats for m in model.mixtures]).sum(0)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(v)
-    return v.cpu()
-
-
-def _carried_interval(entry, cfg: Config, step) -> dict | None:
-    """A checkpoint's open log interval, if it is whole and fits this run's --log-every (else the next log covers
-    the steps since the resume, as for checkpoints written before the interval was saved)."""
+def _carried_interval(entry, cfg: Config, step, counters: bool = False) -> dict | None:
+    """A checkpoint's open log interval, if it is whole (with its routing counters where ``counters``: a model
+    with mixtures) and fits this run's --log-every; else None, and the next log covers the steps since the resume,
+    as for checkpoints written before the interval was saved."""
     def vector(v):
         return isinstance(v, torch.Tensor) and v.shape == (4,) and v.is_floating_point() and bool(torch.isfinite(v).all())
 
@@ -619,19 +611,21 @@ def _carried_interval(entry, cfg: Config, step) -> dict | None:
     steps, routing = entry["steps"], entry.get("routing")
     if not (0 <= steps < cfg.log_every and steps <= step and step % cfg.log_every == steps):
         return None  # (another --log-every than the run's: the interval does not continue)
-    if (steps == 0 and entry["sums"].any()) or (routing is not None and not vector(routing)):
-        return None  # (an empty interval with sums, or counters that are not counters: not a whole entry)
+    if (steps == 0 and entry["sums"].any()) or (routing is not None and not vector(routing)) or \
+            (counters and routing is None):
+        return None  # (an empty interval with sums, counters that are not counters or missing: not a whole entry)
     return {"sums": entry["sums"].float(), "steps": steps, "routing": routing}
 
 
-def routing_counters(model: DiT) -> list[float]:
-    """The token-routed mixtures' counters since the last call (tokens, token-expert slots computed, slots dropped,
-    tokens without a routed expert), summed over the blocks and, under DDP, over the processes (every process must
-    call it), then zeroed."""
-    v = torch.stack([m.pop_stats() for m in model.mixtures]).sum(0)
+def routing_counters(model: DiT, reset: bool = True) -> torch.Tensor:
+    """The token-routed mixtures' counters since they were last reset (tokens, token-expert slots computed, slots
+    dropped, tokens without a routed expert), summed over the blocks and, under DDP, over the processes (every
+    process must call it), on the CPU; then zeroed, unless ``reset`` is False (a checkpoint saves the open
+    interval's)."""
+    v = torch.stack([m.pop_stats() if reset else m.stats for m in model.mixtures]).sum(0)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(v)
-    return v.tolist()
+    return v.cpu()
 
 
 def _mean_over_ranks(v: torch.Tensor) -> torch.Tensor:
