@@ -1,5 +1,18 @@
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# The suite's reference statistics go to a cache of its own, removed at the end: not into the user's
+# ~/.cache/switch-dit (15 MB a file, a new one per run of some tests). Set before any test imports switch_dit.
+_CACHE = tempfile.mkdtemp(prefix="switch-dit-test-cache-")
+os.environ["SWITCH_DIT_CACHE"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

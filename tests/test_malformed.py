@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,8 @@ def malformed(tmp_path_factory):
     folder = root / "files"
     folder.mkdir()
     n = make_malformed(folder, ckpt, root / "good.safetensors")
-    return folder, n
+    yield folder, n
+    shutil.rmtree(root, ignore_errors=True)  # ~2.5 GB of checkpoint copies: not kept until the session ends
 
 
 def test_every_malformed_file_is_one_line_under_a_memory_limit(malformed):
