@@ -5,14 +5,21 @@ import tempfile
 import pytest
 import torch
 
-# The suite's reference statistics go to a cache of its own, removed at the end: not into the user's
-# ~/.cache/switch-dit (15 MB a file, a new one per run of some tests). Set before any test imports switch_dit.
-_CACHE = tempfile.mkdtemp(prefix="switch-dit-test-cache-")
-os.environ["SWITCH_DIT_CACHE"] = _CACHE
+_CACHE = None
 
 
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+def pytest_configure(config):
+    """The suite's reference statistics go to a cache of its own, removed at the end: not into the user's
+    ~/.cache/switch-dit (15 MB a file, new ones every run). pytest calls this once, before any test module imports
+    switch_dit (a module-level mkdtemp would run again wherever a test module imports tests.conftest)."""
+    global _CACHE
+    _CACHE = tempfile.mkdtemp(prefix="switch-dit-test-cache-")
+    os.environ["SWITCH_DIT_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
