@@ -368,12 +368,33 @@ def _load(path: Path) -> dict:
         raise _corrupt(path, e) from e
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A file that is not a readable PyTorch checkpoint (truncated, damaged, or another kind of file)."""
+
+
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # neither torch.save's zip nor a pickle
+        return CorruptCheckpointError(
+            f"{path} is not a PyTorch checkpoint (no zip or pickle inside); give a training checkpoint "
+            "(RUN/checkpoints/step_XXXXXXX.pt), an exported .safetensors or a model folder")
     first = str(e).splitlines()[0] if str(e) else ""
     if len(first) > 120:  # cut at a word, marked as cut
         first = first[:120].rsplit(" ", 1)[0] + " ..."
-    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); resume from "
-                           "an earlier checkpoint or delete this file")
+    return CorruptCheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); use "
+                                  "an earlier checkpoint or delete this file")
+
+
+def newest_readable(paths) -> Path | None:
+    """The newest of these checkpoint files that loads (None if none does)."""
+    for p in reversed(list(paths)):
+        try:
+            load(p)
+            return Path(p)
+        except CheckpointError:
+            continue
+    return None
 
 
 def resolve_resume(resume: str | None, results_dir: str | os.PathLike) -> Path | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -11,7 +12,6 @@ from .config import add_config_arguments, apply_sampling_options, config_from_ar
 
 
 def _is_rank0() -> bool:
-    import os
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -37,6 +37,27 @@ def _train(args) -> int:
     if out.get("checkpoint") and _is_rank0():
         print(f"[switch-dit] done at step {out['step']}; checkpoint {out['checkpoint']}")
     return 0
+
+
+MAX_GRID_TILES = 4096
+MAX_GRID_PIXELS = 2**28  # about 270 million pixels (a 16384 x 16384 PNG)
+
+
+def _check_out(out, what: str = "file") -> None:
+    """Refuse, before any work, an --out that cannot be written: a folder where a file goes (or the reverse), or a
+    path whose nearest existing folder is a file or not writable (missing folders below it are created)."""
+    out = Path(out)
+    if what == "file" and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the file to write")
+    if what == "folder" and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"--out {out}: {anc} is a file, not a folder; choose another --out")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder {anc} is not writable; choose another --out")
 
 
 def _sample(args) -> int:
@@ -75,6 +96,7 @@ def _sample(args) -> int:
             raise ValueError(f"--out {out}: --format npz writes an ADM .npz file; give a name ending in .npz")
         if fmt == "png" and Path(out).suffix.lower() in (".npz", ".png"):
             raise ValueError(f"--out {out}: --format png writes a folder of PNG files; give a folder name")
+        _check_out(out, "file" if fmt == "npz" else "folder")
         manifest = sampling_manifest(model, cfg, resolve_pretrained(args.ckpt), not args.no_ema, step,
                                      args.num_fid_samples, args.batch_size)
         npz = out if fmt == "npz" else str(Path(out)) + ".npz"
@@ -95,8 +117,19 @@ def _sample(args) -> int:
     if not str(out).lower().endswith(".png"):
         raise ValueError(f"--out {out}: a grid is written as PNG; give a name ending in .png (or --num-fid-samples N "
                          "for an .npz)")
-    if Path(out).is_dir():
-        raise ValueError(f"--out {out} is a folder; give the .png file to write")
+    _check_out(out)
+    # the grid's size, known before any sampling: a typo in --per-class or --scale must not run for hours or
+    # allocate the machine's memory
+    size = model.x_embedder.grid_size * model.patch_size
+    tiles = len(args.class_labels) * (args.per_class or 1) if args.class_labels else \
+        (min(model.num_classes, 10) if model.num_classes > 1 else 1) * (args.per_class or 8)
+    if tiles > MAX_GRID_TILES:
+        raise ValueError(f"a grid of {tiles} images is more than {MAX_GRID_TILES} to look at; lower --per-class, or "
+                         "write sample files with --num-fid-samples N")
+    scale = args.scale or max(1, 64 // size)  # tiles of about 64 pixels (a whole factor): a 16x16 model is readable
+    if tiles * (size * scale) ** 2 > MAX_GRID_PIXELS:
+        raise ValueError(f"--scale {scale} makes a grid of {tiles} tiles of {size * scale}x{size * scale} pixels, "
+                         f"over {MAX_GRID_PIXELS // 10**6} million pixels; lower --scale")
     names = getattr(model, "class_names", None)
     if args.class_labels:
         import math
@@ -117,8 +150,6 @@ def _sample(args) -> int:
             grid = class_grid(model, cfg, model.num_classes, per_class=per, seed=cfg.global_seed,
                               device=device, vae=vae, batch_size=args.batch_size)
         rows = names[:min(model.num_classes, 10)] if names and model.num_classes > 1 else None
-    size = model.x_embedder.grid_size * model.patch_size
-    scale = args.scale or max(1, 64 // size)  # tiles of about 64 pixels (a whole factor): a 16x16 model is readable
     rows = None if args.no_row_names else rows
     print(f"[switch-dit] wrote {write_grid(out, grid, scale=scale, row_names=rows)}")
     return 0
@@ -166,8 +197,6 @@ def _demo(args) -> int:
 
 
 def _export(args) -> int:
-    import os
-
     import torch
 
     from .checkpoint import FORMAT, CheckpointError, export_model, load
@@ -242,6 +271,11 @@ def _evaluate(args) -> int:
         raise ValueError(f"--k must be >= 1 (neighbours for precision/recall), got {args.k}")
     if args.ref_limit is not None and args.ref_limit < 2:
         raise ValueError(f"--ref-limit must be >= 2 reference images, got {args.ref_limit}")
+    from .config import MAX_IMAGE_SIZE
+
+    if args.ref_image_size is not None and not 1 <= args.ref_image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--ref-image-size must be between 1 and {MAX_IMAGE_SIZE} pixels (leave it out for the "
+                         f"samples' size), got {args.ref_image_size}")
     sources = [bool(args.npz), bool(args.images), bool(args.ckpt_flag or args.pretrained)]
     if sum(sources) != 1:
         raise ValueError("give exactly one of --npz, --images, --ckpt or --pretrained")
@@ -251,6 +285,8 @@ def _evaluate(args) -> int:
     if args.vae and not (args.ckpt_flag or args.pretrained):
         raise ValueError("--vae decodes the samples of a --ckpt latent model; --npz and --images hold images already: "
                          "leave it out")
+    if args.out:  # before any sampling or feature extraction, which can take long
+        _check_out(args.out)
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
     for d in (cache_dir, cache_dir / "refstats"):  # before any sampling or feature extraction
         if d.exists() and not d.is_dir():
@@ -314,8 +350,11 @@ def _evaluate(args) -> int:
         raise ValueError("the Fashion-MNIST classifier scores grey images and these samples are in colour: use "
                          "--features inception")
     size = args.ref_image_size or images.shape[1]
+    if size != images.shape[1]:  # allowed (the features resize), but scores of another size are not comparable
+        print(f"[switch-dit] warning: the reference is compared at {size}x{size}, the samples are "
+              f"{images.shape[1]}x{images.shape[1]}", file=sys.stderr, flush=True)
     print(f"[switch-dit] reference: {ref_data}{f' {ref_path}' if ref_path else ''}, {ref_split} split, "
-          f"{size}x{size}" + (f", a seeded random {args.ref_limit}" if args.ref_limit else "")
+          f"{size}x{size}" + (f", at most {args.ref_limit} (a seeded random subset)" if args.ref_limit else "")
           + (f" ({origin['why']}; --ref-data overrides)" if origin and args.ref_data is None else "")
           + f"; features {features}", file=sys.stderr, flush=True)
     ref_feats, _, cache = reference_features(extractor, ref_data, ref_path, ref_split, size, args.ref_limit,
@@ -325,7 +364,9 @@ def _evaluate(args) -> int:
     weights = getattr(extractor, "ident", "").rsplit(":", 1)[-1]
     result["reference"] = {"data": ref_data, "path": ref_path, "split": ref_split, "image_size": int(size),
                            "num": int(len(ref_feats)), "limit": args.ref_limit,
-                           "subset": "seeded random (seed 0)" if args.ref_limit else "all",
+                           # a limit at or above the set's size takes the whole set
+                           "subset": "seeded random (seed 0)" if args.ref_limit and len(ref_feats) == args.ref_limit
+                           else "all",
                            "chosen_by": origin["why"] if origin and args.ref_data is None else "the command line",
                            "cache": str(cache)}
     result["feature_network"] = {"name": features, "weights_sha256_16": weights}
@@ -341,6 +382,7 @@ def _evaluate(args) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     return 0
 
@@ -373,6 +415,7 @@ def _analyze(args) -> int:
         out = args.out or _default_stem(str(where) if where else args.ckpt) + "_analysis"
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
+    _check_out(out, "folder")
     if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
         from .analysis import analysis_images, analyze_tokens
         if getattr(args, "data", None) is not None:  # another data set: its own folder (or its default), not the run's

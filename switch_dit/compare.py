@@ -42,6 +42,14 @@ def parse_variant(spec: str) -> tuple[str, str, dict]:
     return label, name, options
 
 
+def _warmup_note(cfg: dict) -> str:
+    """Where the linear warm-up outlasts the run, the lr it ends at (the lr printed is never reached)."""
+    warm, steps, lr = cfg.get("warmup_steps") or 0, cfg.get("max_steps") or 0, cfg.get("lr")
+    if not (isinstance(lr, (int, float)) and warm >= steps > 0):
+        return ""
+    return f" (never reached: its {warm}-step linear warm-up ends the run at lr {lr * steps / warm:.3g})"
+
+
 def _run_name(label: str) -> str:
     """A folder name for a variant label: 'Switch-DiT:lambda_dp=0' -> 'Switch-DiT_lambda_dp=0'."""
     return label.replace(":", "_").replace(",", "_").replace("/", "-")
@@ -81,6 +89,8 @@ def run_comparison(out_dir: str, size: str = "XS", patch: int = 4, seeds=(0,), m
     labels = [label for label, _, _ in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--variants names a variant twice: {' '.join(labels)}")
+    if len({s % 2**32 for s in seeds}) != len(seeds):  # (sample seeds are taken modulo 2^32: -1 is 2^32 - 1)
+        raise ValueError(f"--seeds names a seed twice ({' '.join(map(str, seeds))}): each seed is one run")
     if reuse is not None and not (Path(reuse) / "results.json").is_file():
         raise ValueError(f"--reuse {reuse}: no results.json there; give the folder of an earlier comparison")
     out = Path(out_dir)
@@ -788,7 +798,8 @@ def write_report(results: dict, out: Path) -> Path:
     ref_set = cfg.get("reference", {"split": "train", "num": 10_000})
     lines = [f"# {' vs '.join(labels)} on {data}: {objective}", "",
              f"Size {cfg.get('size')}/{cfg.get('patch')}, image size {cfg.get('image_size')}, "
-             f"global batch {cfg.get('global_batch_size')}, lr {cfg.get('lr')}, {cfg.get('max_steps')} steps, "
+             f"global batch {cfg.get('global_batch_size')}, lr {cfg.get('lr')}{_warmup_note(cfg)}, "
+             f"{cfg.get('max_steps')} steps, "
              f"seeds {seeds}; the runs differ only in routing (and the options their labels name). Metrics: "
              f"{cfg.get('num_samples')} samples ({cfg.get('sampler')}, {cfg.get('num_sampling_steps')} steps, guidance "
              f"{cfg.get('cfg_scale')}; objective {cfg.get('objective', 'ddpm')}; sampling batches of 100, which "

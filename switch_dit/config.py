@@ -180,12 +180,26 @@ class Config:
             (self.cfg_scale >= 0, f"--cfg-scale must be >= 0 (1 = no guidance), got {self.cfg_scale}"),
             (self.ddim_eta >= 0, f"--ddim-eta must be >= 0, got {self.ddim_eta}"),
             (0.0 <= self.class_dropout_prob < 1.0, f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}"),
+            # sampling options are checked now, not at the first sample grid (which would lose the steps since the
+            # last checkpoint) nor only when the checkpoint is sampled
+            (self.objective != "ddpm" or self.num_sampling_steps <= self.diffusion_steps,
+             f"--num-sampling-steps {self.num_sampling_steps} exceeds --diffusion-steps {self.diffusion_steps}: "
+             "a DDPM sampler takes at most one step per timestep"),
+            (self.cfg_channels is None or self.cfg_channels >= 1,
+             f"--cfg-channels must be >= 1 (the first channels guided; leave it out for all), got {self.cfg_channels}"),
         ]
+        if self.loss_weighting == "p2":  # 1 / (k + SNR)^gamma: k <= 0 explodes (or flips sign) where SNR -> 0
+            checks += [(self.p2_k > 0, f"--p2-k must be > 0, got {self.p2_k}"),
+                       (self.p2_gamma >= 0, f"--p2-gamma must be >= 0, got {self.p2_gamma}")]
+        if self.loss_weighting == "uw":  # a negative lr would ascend the uncertainty weights' objective
+            checks.append((self.uw_lr > 0, f"--uw-lr must be > 0, got {self.uw_lr}"))
         if self.model.startswith("Switch-DiT"):
             checks += [(self.num_experts >= 1, f"--num-experts must be >= 1, got {self.num_experts}"),
                        (1 <= self.top_k <= self.num_experts,
                         f"--top-k={self.top_k} must be between 1 and --num-experts={self.num_experts}"),
-                       (self.lambda_dp >= 0, f"--lambda-dp must be >= 0, got {self.lambda_dp}")]
+                       (self.lambda_dp >= 0, f"--lambda-dp must be >= 0, got {self.lambda_dp}"),
+                       (self.prior_alpha > 0, f"--prior-alpha (the prior table's DTR exponent) must be > 0, "
+                                              f"got {self.prior_alpha}")]
         if self.model.startswith(("TC-MoE", "EC-MoE", "DiffMoE")):
             checks += [(self.moe_experts >= 1, f"--moe-experts must be >= 1, got {self.moe_experts}"),
                        (1 <= self.moe_top_k <= self.moe_experts,
@@ -394,24 +408,34 @@ def resumed_run_config(args: argparse.Namespace) -> dict | None:
         if folder is None and getattr(args, "preset", None):
             folder = PRESETS[args.preset].get("results_dir")
         path = Path(folder or Config.results_dir) / "config.yaml"
+        if not path.is_file():  # a run folder that lost its config.yaml: its newest checkpoint records the options
+            from .checkpoint import list_checkpoints
+            found = list_checkpoints(path.parent / "checkpoints")
+            return _recorded_options(found[-1]) if found else None
     else:
         ckpt_path = Path(resume)
         path = ckpt_path.parent.parent / "config.yaml"  # RESULTS/checkpoints/step_X.pt -> RESULTS/config.yaml
         if ckpt_path.parent.name != "checkpoints" or not path.is_file():
-            from .checkpoint import FORMAT, load
-            try:  # a checkpoint outside its run folder: the options it records
-                saved = load(ckpt_path) if ckpt_path.is_file() else None
-            except ValueError:
-                return None  # the resume itself reports the damaged file
-            if not (isinstance(saved, dict) and saved.get("format") == FORMAT and isinstance(saved.get("config"), dict)):
-                return None
-            return _checked_record({k: v for k, v in saved["config"].items() if k not in ("results_dir", "resume")},
-                                   ckpt_path)
+            return _recorded_options(ckpt_path)  # a checkpoint outside its run folder: the options it records
     if not path.is_file():
         return None
     saved = load_yaml(str(path))
     saved.pop("results_dir", None)  # the folder the run is resumed in is the one given now
     return _checked_record(saved, path)
+
+
+def _recorded_options(ckpt_path) -> dict | None:
+    """The options a training checkpoint records (None where it is not one: the resume itself says why)."""
+    from pathlib import Path
+
+    from .checkpoint import FORMAT, load
+    try:
+        saved = load(ckpt_path) if Path(ckpt_path).is_file() else None
+    except ValueError:
+        return None
+    if not (isinstance(saved, dict) and saved.get("format") == FORMAT and isinstance(saved.get("config"), dict)):
+        return None
+    return _checked_record({k: v for k, v in saved["config"].items() if k not in ("results_dir", "resume")}, ckpt_path)
 
 
 SWITCH_OPTIONS = ("num_experts", "top_k", "lambda_dp", "prior_alpha", "mask_form")  # Switch-DiT's router and prior

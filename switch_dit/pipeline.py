@@ -90,11 +90,22 @@ class Pipeline:
             cfg.num_sampling_steps = num_inference_steps
         if guidance_scale is not None:
             cfg.cfg_scale = guidance_scale
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (or use seed=N), got {type(generator).__name__}")
+        if generator is not None and seed is not None:
+            raise ValueError("give generator or seed, not both (each sets the samples' seeds)")
         if generator is not None:  # its seed, modulo 2^32 (an unseeded generator's is larger than seeds go)
             cfg.global_seed = generator.initial_seed() % 2**32
         elif seed is not None:
             cfg.global_seed = seed
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ValueError as e:  # in this call's words, not the command line's
+            msg = str(e)
+            for flag, name in (("--num-sampling-steps", "num_inference_steps"), ("--cfg-scale", "guidance_scale"),
+                               ("--global-seed", "seed"), ("--sampler", "sampler")):
+                msg = msg.replace(flag, name)
+            raise ValueError(msg) from None
         labels = list(range(self.model.num_classes)) if class_labels is None else [
             self.class_index(c) for c in (class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])]
         images = sample_batched(self.model, cfg, labels, cfg.global_seed, self.device, batch_size, self.vae)
@@ -109,6 +120,9 @@ class Pipeline:
         timestep information per block. DiT and DTR have no learned routing (a one-line error)."""
         from . import analysis
 
+        most = 1000 if self.config.objective == "flow" else self.config.diffusion_steps  # (a bin per timestep)
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= most:
+            raise ValueError(f"num_bins must be a whole number between 1 and {most}, got {num_bins!r}")
         if self.model.prior is not None:
             pattern = analysis.task_expert_map(self.model)
             return {"kind": "timestep", "map": pattern, "summary": analysis.routing_record(self.model, pattern),

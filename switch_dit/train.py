@@ -302,6 +302,8 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         cfg.vae = dataset.meta["vae"]  # recorded so that sampling can decode
     torch.manual_seed(cfg.global_seed)  # the same initial weights on every process and every run
     model = build_model(cfg, C, H, dataset.num_classes).to(device)
+    if cfg.cfg_channels is not None and cfg.cfg_channels > model.in_channels:  # (found now, not at the first grid)
+        raise ValueError(f"--cfg-channels {cfg.cfg_channels} exceeds the data's {model.in_channels} channels")
     # what switch_dit.load attaches, so that the trained model (and its EMA) can save_pretrained / sample by name
     model.config, model.step, model.source = cfg, None, str(results)
     model.class_names = list(getattr(dataset, "class_names", None) or map(str, range(dataset.num_classes)))
@@ -324,10 +326,21 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     health: dict[int, float] = {}  # checkpoint step -> the loss measured with its weights (the next step's)
     trace = {"smoothed": None, "best": math.inf, "reads": 0}  # the run's smoothed loss and its best, for the advice
     resume_path = ckpt.resolve_resume(cfg.resume, results)
+    if resume_path is None and cfg.resume == "auto" and info.is_main:
+        print(f"[switch-dit] --resume auto: no checkpoint in {results / 'checkpoints'}; starting a new run", flush=True)
     if resume_path is not None:
         from .loading import build_checked, check_training_state
 
-        saved = ckpt.load(resume_path)
+        try:
+            saved = ckpt.load(resume_path)
+        except ckpt.CorruptCheckpointError as e:  # name the checkpoint to continue from instead, if there is one
+            earlier = ckpt.newest_readable(ckpt.list_checkpoints(results / "checkpoints")[:-1]) \
+                if cfg.resume == "auto" else None
+            if earlier is None:
+                raise
+            raise ckpt.CheckpointError(f"{str(e).split('; use an earlier')[0]}; the newest readable checkpoint is "
+                                       f"{earlier}: resume from it with --resume {earlier}, or delete the damaged "
+                                       "file and use --resume auto") from None
         if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT:
             raise ckpt.CheckpointError(f"{resume_path} is not a switch-dit training checkpoint; --resume takes a "
                                        "step_XXXXXXX.pt of a run (or auto)")

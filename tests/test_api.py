@@ -251,3 +251,20 @@ def test_config_takes_a_variant_spec_as_the_command_line_does():
                       (dict(model="DiT-XS/4:moe_experts=4"), "applies to TC-MoE, EC-MoE and DiffMoE only")):
         with pytest.raises(ValueError, match=words):
             Config(**kw).validate()
+
+
+def test_pipeline_refuses_ambiguous_or_mistyped_arguments_in_its_own_words(run):
+    pipe = switch_dit.Pipeline.from_pretrained(str(run / "checkpoints" / "step_0000002.pt"))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        pipe(class_labels=[1], generator=0)
+    with pytest.raises(ValueError, match="generator or seed, not both"):
+        pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), seed=1)
+    with pytest.raises(ValueError, match="^num_inference_steps must be >= 1"):
+        pipe(class_labels=[1], num_inference_steps=0)
+    with pytest.raises(ValueError, match="^guidance_scale must be a finite number"):
+        pipe(class_labels=[1], guidance_scale=float("nan"))
+    for bins in (0, -1, 2.5, True, 100000):
+        with pytest.raises(ValueError, match="num_bins must be a whole number between 1 and 1000"):
+            pipe.routing(num_bins=bins)
+    binned = pipe.routing(num_bins=1000)["binned"]  # (blocks, bins, experts): one bin per timestep is the most
+    assert binned.shape[1] == 1000 and np.isfinite(binned).all()

@@ -164,3 +164,54 @@ def test_the_memory_check_covers_latent_models_and_machines_that_cannot_tell(mon
     preflight(Config(model="EC-MoE-XS/4", data="latents", data_path="/nonexistent"))  # a model that fits
     monkeypatch.setattr(os, "sysconf", lambda name: -1)
     _check_fits_memory(Config(), 10**12, torch.device("cpu"))
+
+
+def test_each_case_of_the_third_hostile_round_is_one_line_and_up_front(tmp_path, capsys):
+    """Sampling options that used to end a run at its first sample grid (losing its steps), options that trained
+    nonsense (a negative UW lr ascends, p2 with k <= 0, a negative prior exponent), --out paths found unwritable only
+    after the work, grids too large to allocate, duplicate compare seeds, and files that are not checkpoints."""
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 1, "--ckpt-every", 1, "--results-dir", run) == 0
+    ckpt = run / "checkpoints" / "step_0000001.pt"
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "c.yaml").write_text("lr: 0.001\n")
+    train = ["train", *TINY, "--max-steps", 4, "--sample-every", 2, "--results-dir", tmp_path / "r"]
+    under_file = tmp_path / "afile" / "x"
+    cases = [
+        (train + ["--num-sampling-steps", 5000], "--num-sampling-steps 5000 exceeds --diffusion-steps 1000"),
+        (train + ["--cfg-channels", -1], "--cfg-channels must be >= 1"),
+        (train + ["--cfg-channels", 7], "--cfg-channels 7 exceeds the data's 1 channels"),
+        (train + ["--loss-weighting", "uw", "--uw-lr", -1], "--uw-lr must be > 0"),
+        (train + ["--loss-weighting", "p2", "--p2-k", -1], "--p2-k must be > 0"),
+        (train + ["--loss-weighting", "p2", "--p2-gamma", -0.5], "--p2-gamma must be >= 0"),
+        (train + ["--prior-alpha", -3], "--prior-alpha (the prior table's DTR exponent) must be > 0"),
+        (["sample", ckpt, "--out", f"{under_file}.png"], "afile is a file, not a folder; choose another --out"),
+        (["sample", ckpt, "--num-fid-samples", 4, "--out", f"{under_file}.npz"], "afile is a file, not a folder"),
+        (["sample", ckpt, "--num-fid-samples", 4, "--format", "png", "--out", under_file], "afile is a file"),
+        (["analyze", ckpt, "--out", under_file], "afile is a file, not a folder"),
+        (["evaluate", "--ckpt", ckpt, "--num-samples", 10, "--ref-data", "digits", "--out", f"{under_file}.json"],
+         "afile is a file, not a folder"),
+        (["evaluate", "--ckpt", ckpt, "--num-samples", 10, "--ref-data", "digits", "--out", tmp_path / "outdir"],
+         "outdir is a folder; give the file to write"),
+        (["evaluate", "--ckpt", ckpt, "--num-samples", 10, "--ref-data", "digits", "--ref-image-size", 0],
+         "--ref-image-size must be between 1 and 4096"),
+        (["sample", ckpt, "--scale", 1000, "--out", tmp_path / "g.png"], "over 268 million pixels; lower --scale"),
+        (["sample", ckpt, "--per-class", 100000, "--out", tmp_path / "g.png"], "a grid of 1000000 images"),
+        (["sample", tmp_path / "c.yaml"], "c.yaml is not a PyTorch checkpoint (no zip or pickle inside)"),
+        (["export", tmp_path / "afile", "--out", tmp_path / "e.safetensors"], "afile is not a PyTorch checkpoint"),
+        (["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--seeds", 0, 0, "--out", tmp_path / "c"],
+         "--seeds names a seed twice"),
+        (["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--seeds", -1, 4294967295, "--out",
+          tmp_path / "c"], "--seeds names a seed twice"),
+    ]
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        cases.append((["train", *TINY, "--device", "mps", "--results-dir", tmp_path / "m"], "no usable MPS device"))
+    for args, words in cases:
+        capsys.readouterr()
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert words in err, (args, err)
+    assert not (tmp_path / "r" / "checkpoints").exists() and not (tmp_path / "c" / "runs").exists()
+    assert not (tmp_path / "g.png").exists()

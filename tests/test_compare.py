@@ -199,3 +199,11 @@ def test_step_times_from_a_malformed_or_foreign_benchmark_file_are_left_out(tmp_
     assert "| DiT | 150.0 | 1.00 (1.00-1.00) |" in lines and "| EC-MoE | 180.0 | 1.20 |" in lines  # malformed: none
     other = {"config": {**res["config"], "image_size": 28}}
     assert _step_time_lines(other, ["DiT"], bench) == []
+
+
+def test_the_report_says_when_the_warm_up_outlasts_the_run():
+    from switch_dit.compare import _warmup_note
+
+    assert _warmup_note({"lr": 1e-3, "warmup_steps": 200, "max_steps": 3000}) == ""
+    note = _warmup_note({"lr": 1e-3, "warmup_steps": 200, "max_steps": 2})
+    assert "never reached" in note and "lr 1e-05" in note  # train.lr_at(step 1) = 1e-3 * 2 / 200

@@ -111,6 +111,21 @@ def test_keep_last_and_truncated_checkpoint(tmp_path, capsys):
     assert run_cli("train", *TINY, "--max-steps", 6, "--results-dir", out, "--resume", "auto") != 0
     err = capsys.readouterr().err.strip()
     assert "step_0000004.pt is truncated or corrupt" in err and len(err.splitlines()) == 1
+    assert "the newest readable checkpoint is" in err and "--resume " + str(ckpts[0]) in err  # (step 3)
+
+
+def test_resume_auto_without_config_yaml_and_in_an_empty_folder(tmp_path, capsys):
+    """A run folder that lost its config.yaml resumes with the options its newest checkpoint records (it was refused
+    as 'another model/config' against the defaults); --resume auto with nothing to resume says it starts anew."""
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", out) == 0
+    (out / "config.yaml").unlink()
+    assert run_cli("train", "--results-dir", out, "--resume", "auto", "--max-steps", 3, "--ckpt-every", 3,
+                   "--no-progress") == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step_0000003.pt"
+    capsys.readouterr()
+    assert run_cli("train", *TINY, "--max-steps", 1, "--results-dir", tmp_path / "new", "--resume", "auto") == 0
+    assert "--resume auto: no checkpoint in" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):

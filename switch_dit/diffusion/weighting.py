@@ -48,6 +48,8 @@ class P2Weighting(LossWeighting):
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0):
         super().__init__()
+        if not (k > 0 and gamma >= 0):
+            raise ValueError(f"p2 weighting needs k > 0 and gamma >= 0, got k={k}, gamma={gamma}")
         self.k, self.gamma = k, gamma
 
     def weights(self, t, snr):

@@ -23,6 +23,8 @@ def dtr_start_positions(num_units: int, num_timesteps: int, active: int, alpha: 
 
 def dtr_table(num_units: int, num_timesteps: int, active: int, alpha: float) -> torch.Tensor:
     """(T, C) binary table: row t has ones at start_t <= c < start_t + active (DTR, method.md section 4)."""
+    if not alpha > 0:  # alpha <= 0 gives windows outside [0, C): rows with fewer than `active` ones
+        raise ValueError(f"the DTR window exponent alpha must be > 0, got {alpha}")
     start = dtr_start_positions(num_units, num_timesteps, active, alpha)[:, None]
     c = np.arange(num_units)[None]
     return torch.from_numpy(((c >= start) & (c < start + active)).astype(np.float32))

@@ -36,6 +36,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps was asked for but this PyTorch has no usable MPS device (Apple GPUs only); "
+                         "use --device cpu")
     return dev
 
 
