@@ -46,6 +46,8 @@ MAX_GRID_PIXELS = 2**28  # about 270 million pixels (a 16384 x 16384 PNG)
 def _check_out(out, what: str = "file") -> None:
     """Refuse, before any work, an --out that cannot be written: a folder where a file goes (or the reverse), or a
     path whose nearest existing folder is a file or not writable (missing folders below it are created)."""
+    if not str(out).strip():
+        raise ValueError("--out is empty; give a path (or leave --out out for the default)")
     out = Path(out)
     if what == "file" and out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the file to write")
@@ -91,7 +93,7 @@ def _sample(args) -> int:
         if fmt == "grid":
             raise ValueError("--num-fid-samples writes --format npz or png, not a grid")
         suffix = ".npz" if fmt == "npz" else ""
-        out = args.out or _default_stem(args.ckpt) + f"_samples{args.num_fid_samples}{suffix}"
+        out = args.out if args.out is not None else _default_stem(args.ckpt) + f"_samples{args.num_fid_samples}{suffix}"
         if fmt == "npz" and not str(out).endswith(".npz"):
             raise ValueError(f"--out {out}: --format npz writes an ADM .npz file; give a name ending in .npz")
         if fmt == "png" and Path(out).suffix.lower() in (".npz", ".png"):
@@ -113,7 +115,7 @@ def _sample(args) -> int:
     model.to(device)
     if vae is not None:
         vae.to(device)
-    out = args.out or _default_stem(args.ckpt) + "_grid.png"
+    out = args.out if args.out is not None else _default_stem(args.ckpt) + "_grid.png"
     if not str(out).lower().endswith(".png"):
         raise ValueError(f"--out {out}: a grid is written as PNG; give a name ending in .png (or --num-fid-samples N "
                          "for an .npz)")
@@ -265,8 +267,9 @@ def _evaluate(args) -> int:
     from .utils.dist import resolve_device
 
     device = resolve_device(args.device)
-    if args.num_samples < 2 or args.batch_size < 1:
-        raise ValueError(f"--num-samples must be >= 2 and --batch-size >= 1, got {args.num_samples} and {args.batch_size}")
+    if args.num_samples < 10 or args.batch_size < 1:  # (10: what scoring needs, evaluate.run.check_images)
+        raise ValueError(f"--num-samples must be >= 10 and --batch-size >= 1, got {args.num_samples} and "
+                         f"{args.batch_size}")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1 (neighbours for precision/recall), got {args.k}")
     if args.ref_limit is not None and args.ref_limit < 2:
@@ -402,6 +405,10 @@ def _analyze(args) -> int:
     from .analysis import analyze
     from .sample import load_model_for_sampling
 
+    if getattr(args, "preset", None) or getattr(args, "config", None):
+        raise ValueError("analyze takes no --preset or --config: the checkpoint records its options")
+    if getattr(args, "noise_schedule", None) not in (None, "linear", "cosine"):
+        raise ValueError(f"--noise-schedule must be linear or cosine, got {args.noise_schedule!r}")
     model, cfg, _ = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema,
                                             cfg_overrides=config_from_args(args, validate=False))
     if model.prior is None and not model.mixtures:
@@ -410,9 +417,9 @@ def _analyze(args) -> int:
     where = None if args.ckpt.startswith("pretrained:") else Path(args.ckpt).resolve()
     # a training checkpoint's analysis goes to its run's folder; an export's or a model folder's beside it
     if where is not None and where.parent.name == "checkpoints" and re.fullmatch(r"step_\d+\.pt", where.name):
-        out = args.out or str(where.parent.parent / "analysis")
+        out = args.out if args.out is not None else str(where.parent.parent / "analysis")
     else:
-        out = args.out or _default_stem(str(where) if where else args.ckpt) + "_analysis"
+        out = args.out if args.out is not None else _default_stem(str(where) if where else args.ckpt) + "_analysis"
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
     _check_out(out, "folder")
@@ -497,8 +504,16 @@ def _error(args, e: Exception) -> None:
         print(f"switch-dit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a mistyped flag gets its message and where the options are listed, not the
+    whole usage block (about 30 lines for train) first. Subcommand parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switch-dit", description="Switch Diffusion Transformer: train, sample, demo")
+    parser = _Parser(prog="switch-dit", description="Switch Diffusion Transformer: train, sample, demo")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (torchrun for several processes)")

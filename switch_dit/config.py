@@ -161,6 +161,8 @@ class Config:
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {sorted(WEIGHTINGS)}, got {self.loss_weighting!r}"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE,
              f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}"),
+            (str(self.results_dir).strip() != "", "--results-dir must name a folder (an empty name writes into the "
+                                                 "current folder)"),
             (self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
             (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
             (-2**31 <= self.global_seed < 2**32, f"--global-seed must be in [-2^31, 2^32), got {self.global_seed} "

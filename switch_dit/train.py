@@ -360,6 +360,11 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
         health = {int(k): float(v) for k, v in (saved.get("health") or {}).items()}
         trace.update(saved.get("loss_trace") or {})
         carried = _carried_interval(saved.get("log_interval"), cfg, saved["step"], counters=bool(model.mixtures))
+        was = saved["config"].get("loss_weighting", "constant")
+        if "uw" in (was, cfg.loss_weighting) and was != cfg.loss_weighting:  # every checkpoint of the run has this
+            raise ValueError(f"--loss-weighting {cfg.loss_weighting}: the run at {resume_path} trained with {was}, and "
+                             "UW's learned weights are part of the optimiser state; resume with --loss-weighting "
+                             f"{was}, or start a new run in another --results-dir")
         try:
             model.load_state_dict(saved["model"])
             ema.load_state_dict(saved["ema"])

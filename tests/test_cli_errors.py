@@ -205,6 +205,16 @@ def test_each_case_of_the_third_hostile_round_is_one_line_and_up_front(tmp_path,
         (["compare", "--data", "digits", "--image-size", 8, "--patch", 2, "--seeds", -1, 4294967295, "--out",
           tmp_path / "c"], "--seeds names a seed twice"),
     ]
+    cases += [
+        (["train", *TINY, "--results-dir", ""], "--results-dir must name a folder"),
+        (["sample", ckpt, "--out", ""], "give a name ending in .png"),
+        (["analyze", ckpt, "--out", ""], "--out is empty"),
+        (["analyze", ckpt, "--noise-schedule", "bogus"], "--noise-schedule must be linear or cosine"),
+        (["analyze", ckpt, "--preset", "imagenet256"], "analyze takes no --preset or --config"),
+        (["evaluate", "--ckpt", ckpt, "--num-samples", 5, "--ref-data", "digits"], "--num-samples must be >= 10"),
+        (["train", *TINY, "--max-steps", 2, "--loss-weighting", "uw", "--results-dir", run, "--resume", "auto"],
+         "trained with constant, and UW's learned weights are part of the optimiser state"),
+    ]
     if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         cases.append((["train", *TINY, "--device", "mps", "--results-dir", tmp_path / "m"], "no usable MPS device"))
     for args, words in cases:
@@ -215,3 +225,9 @@ def test_each_case_of_the_third_hostile_round_is_one_line_and_up_front(tmp_path,
         assert words in err, (args, err)
     assert not (tmp_path / "r" / "checkpoints").exists() and not (tmp_path / "c" / "runs").exists()
     assert not (tmp_path / "g.png").exists()
+    capsys.readouterr()  # argparse's own errors: one line, not the usage block first
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", "--lr", "abc")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == ("switch-dit train: error: argument --lr: invalid float value: 'abc' "
+                                         "(see switch-dit train --help)")
