@@ -285,6 +285,9 @@ def _evaluate(args) -> int:
     if args.model and not args.ckpt_flag:
         raise ValueError("--model names the model of a --ckpt state dict; samples (--npz, --images) and --pretrained "
                          "need none: leave it out")
+    if args.image_size is not None and not args.images:
+        raise ValueError("--image-size sizes the images of an --images folder; an .npz and a model's samples have "
+                         "their own size (--ref-image-size sets the reference's): leave it out")
     if args.vae and not (args.ckpt_flag or args.pretrained):
         raise ValueError("--vae decodes the samples of a --ckpt latent model; --npz and --images hold images already: "
                          "leave it out")

@@ -45,7 +45,7 @@ def parse_variant(spec: str) -> tuple[str, str, dict]:
 def _warmup_note(cfg: dict) -> str:
     """Where the linear warm-up outlasts the run, the lr it ends at (the lr printed is never reached)."""
     warm, steps, lr = cfg.get("warmup_steps") or 0, cfg.get("max_steps") or 0, cfg.get("lr")
-    if not (isinstance(lr, (int, float)) and warm >= steps > 0):
+    if not (isinstance(lr, (int, float)) and warm > steps > 0):
         return ""
     return f" (never reached: its {warm}-step linear warm-up ends the run at lr {lr * steps / warm:.3g})"
 

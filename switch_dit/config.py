@@ -120,6 +120,7 @@ class Config:
         for key, v in parse_spec_options(opts, f"model {spec!r}", "e.g. Switch-DiT-S/2:lambda_dp=0").items():
             if key == "model":
                 raise ValueError(f"model {spec!r}: the model is named before the ':'; give options after it")
+            _refuse_run_option(key, f"model {spec!r}")
             default, current = next(f.default for f in fields(self) if f.name == key), getattr(self, key)
             if current != default and current != v:
                 raise ValueError(f"model {spec!r} sets {key}={v} but {key}={current} is given too; give it once")
@@ -568,6 +569,12 @@ def parse_spec_options(opts: str, where: str, hint: str) -> dict:
     return options
 
 
+def _refuse_run_option(key: str, where: str) -> None:
+    """Where and how a run goes is not an option of the model a spec names."""
+    if key in ("results_dir", "resume", "device", "config", "preset"):
+        raise ValueError(f"{where}: {key} is not an option of the model; give it as --{key.replace('_', '-')}")
+
+
 def _apply_model_spec(values: dict, given: dict) -> tuple[dict, dict]:
     """'--model Switch-DiT-S/2:lambda_dp=0' sets lambda_dp as the comparison's variant specs do; an option also
     given as its own flag with another value is a one-line error."""
@@ -578,6 +585,7 @@ def _apply_model_spec(values: dict, given: dict) -> tuple[dict, dict]:
     for key, v in parse_spec_options(opts, where, "e.g. --model Switch-DiT-S/2:lambda_dp=0").items():
         if key == "model":
             raise ValueError(f"{where}: the model is named before the ':'; give options after it")
+        _refuse_run_option(key, where)
         if key in given and given[key] != v:
             raise ValueError(f"--model sets {key}={v} but --{key.replace('_', '-')} {given[key]} is given too; "
                              "give it once")

@@ -246,6 +246,10 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         if (Path(path) / "config.json").is_file():
             model = _load_folder(Path(path), use_ema, cfg_overrides)
             return model, model.config, model.step
+        found = ckpt.list_checkpoints(Path(path) / "checkpoints")
+        if found:  # a training run's folder: point at its newest checkpoint
+            raise ckpt.CheckpointError(f"{path} is a training run's folder; give one of its checkpoints, e.g. the "
+                                       f"newest, {found[-1]}")
         raise ckpt.CheckpointError(f"{path} is a folder without config.json; give a checkpoint file (.pt or "
                                    ".safetensors) or a model folder written by save_pretrained")
     given = set(getattr(cfg_overrides, "_given", ()))

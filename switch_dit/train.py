@@ -405,6 +405,9 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
               + (f" ({active / 1e6:.2f}M active per token)" if active != total else "") +
               f", {len(dataset)} training items of shape {dataset.shape}, {info.world_size} process(es) on {device}, "
               f"steps {start_step} -> {cfg.max_steps}", flush=True)
+        if cfg.warmup_steps > cfg.max_steps > start_step:  # (a short run of a recipe with a long warm-up)
+            print(f"[switch-dit] note: the {cfg.warmup_steps}-step lr warm-up outlasts the run's {cfg.max_steps} steps: "
+                  f"the lr ends at {cfg.lr * cfg.max_steps / cfg.warmup_steps:.3g}, not --lr {cfg.lr:g}", flush=True)
         if dataset.num_classes > 1:  # the label each class trains under, as --class-labels and grids name them
             names = model.class_names
             print("[switch-dit] classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(names[:20]))
@@ -575,7 +578,7 @@ def _apply_time_budget(cfg: Config, budget: dict, step: int, results: Path, bar,
         torch.distributed.broadcast(chosen, 0)
     old, cfg.max_steps = cfg.max_steps, int(chosen)
     if info.is_main:
-        print(f"[switch-dit] time budget {cfg.time_budget:.0f} s: {rate:.2f} steps/s over steps {first}-{last}, "
+        print(f"[switch-dit] time budget {cfg.time_budget:g} s: {rate:.2f} steps/s over steps {first}-{last}, "
               f"so training for {cfg.max_steps} steps (--max-steps {old}); recorded in the run's config",
               flush=True)
         (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))

@@ -206,17 +206,26 @@ def test_each_case_of_the_third_hostile_round_is_one_line_and_up_front(tmp_path,
           tmp_path / "c"], "--seeds names a seed twice"),
     ]
     cases += [
-        (["train", *TINY, "--results-dir", ""], "--results-dir must name a folder"),
+        (["train", *TINY, "--max-steps", 1, "--results-dir", ""], "--results-dir must name a folder"),
         (["sample", ckpt, "--out", ""], "give a name ending in .png"),
         (["analyze", ckpt, "--out", ""], "--out is empty"),
         (["analyze", ckpt, "--noise-schedule", "bogus"], "--noise-schedule must be linear or cosine"),
         (["analyze", ckpt, "--preset", "imagenet256"], "analyze takes no --preset or --config"),
         (["evaluate", "--ckpt", ckpt, "--num-samples", 5, "--ref-data", "digits"], "--num-samples must be >= 10"),
+        (["evaluate", "--ckpt", ckpt, "--ref-data", "digits", "--image-size", 8], "--image-size sizes the images of"),
+        (["sample", run], "is a training run's folder; give one of its checkpoints, e.g. the newest, " + str(ckpt)),
+        (["train", *TINY, "--max-steps", 1, "--model", "Switch-DiT-XS/2:resume=auto", "--results-dir",
+          tmp_path / "r"],
+         "resume is not an option of the model; give it as --resume"),
+        (["train", *TINY, "--max-steps", 1, "--model", "TC-MoE-XS/4:moe_shared=1000", "--results-dir",
+          tmp_path / "r"],
+         "cannot split the dense FFN's width 768 into equal experts"),
         (["train", *TINY, "--max-steps", 2, "--loss-weighting", "uw", "--results-dir", run, "--resume", "auto"],
          "trained with constant, and UW's learned weights are part of the optimiser state"),
     ]
     if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        cases.append((["train", *TINY, "--device", "mps", "--results-dir", tmp_path / "m"], "no usable MPS device"))
+        cases.append((["train", *TINY, "--max-steps", 1, "--device", "mps", "--results-dir", tmp_path / "m"],
+                      "no usable MPS device"))
     for args, words in cases:
         capsys.readouterr()
         assert run_cli(*args) == 2, args

@@ -124,8 +124,11 @@ def test_resume_auto_without_config_yaml_and_in_an_empty_folder(tmp_path, capsys
                    "--no-progress") == 0
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step_0000003.pt"
     capsys.readouterr()
-    assert run_cli("train", *TINY, "--max-steps", 1, "--results-dir", tmp_path / "new", "--resume", "auto") == 0
-    assert "--resume auto: no checkpoint in" in capsys.readouterr().out
+    assert run_cli("train", *TINY, "--max-steps", 2, "--warmup-steps", 10, "--results-dir", tmp_path / "new",
+                   "--resume", "auto") == 0
+    printed = capsys.readouterr().out
+    assert "--resume auto: no checkpoint in" in printed
+    assert "the 10-step lr warm-up outlasts the run's 2 steps: the lr ends at 0.0002, not --lr 0.001" in printed
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):

@@ -103,6 +103,11 @@ class TokenMixture(nn.Module):
         self.num_experts = num_experts
         self.num_shared = num_shared
         self.expert_hidden = expert_hidden_size(hidden_size, mlp_ratio, active, num_shared)
+        dense = hidden_size * mlp_ratio
+        if abs(self.expert_hidden * (active + num_shared) - dense) > 0.05 * dense:  # fine-grained: as the dense FFN
+            raise ValueError(f"{active:g} routed + {num_shared} shared experts per token cannot split the dense FFN's "
+                             f"width {dense:g} into equal experts (each would be {dense / (active + num_shared):.2f} "
+                             "wide, rounded to a whole number, more than 5% off in all); use fewer experts per token")
         self.gate_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.experts = Experts(num_experts, hidden_size, self.expert_hidden)
         # s shared experts are one FFN of width s * H (as DiT-MoE merges its two)
