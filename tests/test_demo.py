@@ -36,7 +36,7 @@ def test_time_budget_chooses_the_step_count_that_fits(tmp_path, capsys):
     assert run_cli("train", *TINY, "--max-steps", 100000, "--time-budget", 1.5, "--ckpt-every", 100000,
                    "--log-every", 1000, "--results-dir", out) == 0
     printed = capsys.readouterr().out
-    assert "[switch-dit] time budget 2 s:" in printed and "(--max-steps 100000)" in printed
+    assert "[switch-dit] time budget 1.5 s:" in printed and "(--max-steps 100000)" in printed
     (ckpt,) = list((out / "checkpoints").glob("step_*.pt"))
     state = load_state(ckpt)
     chosen = state["config"]["max_steps"]

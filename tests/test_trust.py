@@ -230,7 +230,7 @@ def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys)
     assert run_cli("sample", tmp_path / "bare.pt", "--model", name, "--image-size", 16, "--out",
                    tmp_path / "i.png") == 2
     if name == "DTR-XS/4":  # nor does it record its training data: evaluate asks what to compare with
-        assert run_cli("evaluate", "--ckpt", tmp_path / "bare.pt", "--model", name, "--num-samples", 4) == 2
+        assert run_cli("evaluate", "--ckpt", tmp_path / "bare.pt", "--model", name, "--num-samples", 10) == 2
         assert "say what to compare the samples with" in capsys.readouterr().err
         assert run_cli("evaluate", "--ckpt", tmp_path / "bare.pt", "--model", "DiT-S/4", "--ref-data", "digits") == 2
         assert "holds a model of depth" in capsys.readouterr().err  # --model reaches the loader
@@ -247,7 +247,7 @@ def test_a_bare_state_dict_in_our_names_loads_with_model(tmp_path, name, capsys)
         latent = create_model("DiT-XS/4", input_size=8, in_channels=4, num_classes=10)
         torch.save(latent.state_dict(), tmp_path / "latent.pt")  # a latent model without a VAE: said up front
         assert run_cli("evaluate", "--ckpt", tmp_path / "latent.pt", "--model", "DiT-XS/4", "--ref-data",
-                       "digits", "--num-samples", 4) == 2
+                       "digits", "--num-samples", 10) == 2
         assert "4-channel latents and records no VAE" in capsys.readouterr().err
         switch_dit.load(tmp_path / "bare.pt", model=name).save_pretrained(tmp_path / "folder")  # nor its card
         card = (tmp_path / "folder" / "README.md").read_text()
