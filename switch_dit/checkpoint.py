@@ -369,7 +369,12 @@ def _load(path: Path) -> dict:
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A file that is not a readable PyTorch checkpoint (truncated, damaged, or another kind of file)."""
+    """A file that is not a readable PyTorch checkpoint (truncated, damaged, or another kind of file); ``problem``
+    is what is wrong without the advice, for callers that know better advice."""
+
+    def __init__(self, problem: str, advice: str | None = None):  # (advice optional: exceptions unpickle with args)
+        super().__init__(problem if advice is None else f"{problem}; {advice}")
+        self.problem = problem
 
 
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
@@ -377,13 +382,13 @@ def _corrupt(path: Path, e: Exception) -> CheckpointError:
         head = f.read(4)
     if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # neither torch.save's zip nor a pickle
         return CorruptCheckpointError(
-            f"{path} is not a PyTorch checkpoint (no zip or pickle inside); give a training checkpoint "
+            f"{path} is not a PyTorch checkpoint (no zip or pickle inside)", "give a training checkpoint "
             "(RUN/checkpoints/step_XXXXXXX.pt), an exported .safetensors or a model folder")
     first = str(e).splitlines()[0] if str(e) else ""
     if len(first) > 120:  # cut at a word, marked as cut
         first = first[:120].rsplit(" ", 1)[0] + " ..."
-    return CorruptCheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); use "
-                                  "an earlier checkpoint or delete this file")
+    return CorruptCheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})",
+                                  "use an earlier checkpoint or delete this file")
 
 
 def newest_readable(paths) -> Path | None:

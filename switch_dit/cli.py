@@ -262,13 +262,13 @@ def _evaluate(args) -> int:
     import json
 
     from .evaluate.features import build_extractor, default_features
-    from .evaluate.run import DEFAULT_CACHE, load_folder_images, load_npz, reference_features, score
+    from .evaluate.run import DEFAULT_CACHE, MIN_IMAGES, load_folder_images, load_npz, reference_features, score
     from .provenance import file_sha256, now, sampling_manifest
     from .utils.dist import resolve_device
 
     device = resolve_device(args.device)
-    if args.num_samples < 10 or args.batch_size < 1:  # (10: what scoring needs, evaluate.run.check_images)
-        raise ValueError(f"--num-samples must be >= 10 and --batch-size >= 1, got {args.num_samples} and "
+    if args.num_samples < MIN_IMAGES or args.batch_size < 1:  # (what scoring needs)
+        raise ValueError(f"--num-samples must be >= {MIN_IMAGES} and --batch-size >= 1, got {args.num_samples} and "
                          f"{args.batch_size}")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1 (neighbours for precision/recall), got {args.k}")
@@ -423,9 +423,7 @@ def _analyze(args) -> int:
         out = args.out if args.out is not None else str(where.parent.parent / "analysis")
     else:
         out = args.out if args.out is not None else _default_stem(str(where) if where else args.ckpt) + "_analysis"
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out} is a file; analyze writes a folder of figures and routing.json")
-    _check_out(out, "folder")
+    _check_out(out, "folder")  # (analyze writes a folder of figures and routing.json)
     if model.mixtures:  # token routing is measured on the run's own data, noised to every timestep bin
         from .analysis import analysis_images, analyze_tokens
         if getattr(args, "data", None) is not None:  # another data set: its own folder (or its default), not the run's

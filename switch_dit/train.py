@@ -338,7 +338,7 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
                 if cfg.resume == "auto" else None
             if earlier is None:
                 raise
-            raise ckpt.CheckpointError(f"{str(e).split('; use an earlier')[0]}; the newest readable checkpoint is "
+            raise ckpt.CheckpointError(f"{e.problem}; the newest readable checkpoint is "
                                        f"{earlier}: resume from it with --resume {earlier}, or delete the damaged "
                                        "file and use --resume auto") from None
         if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT:

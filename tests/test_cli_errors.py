@@ -14,6 +14,16 @@ def _one_line_error(capsys, *args):
     return err
 
 
+def _each_refused_in_one_line(capsys, cases):
+    """Each (args, words): exit code 2 and one line on stderr holding the words, no traceback."""
+    for args, words in cases:
+        capsys.readouterr()
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert words in err, (args, err)
+
+
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, capsys):
     err = _one_line_error(capsys, "train", "--data", "fashion-mnist", "--data-path", tmp_path / "nope",
                           "--results-dir", tmp_path / "r", "--no-progress")
@@ -138,12 +148,7 @@ def test_each_case_a_hostile_tester_found_is_one_line(tmp_path, capsys):
         (cmp + ["--num-samples", 1, "--out", tmp_path / "c"], "--num-samples must be >= 10"),
         (cmp + ["--out", tmp_path / "afile"], "is a file; give a folder for the report"),
     ]
-    for args, words in cases:
-        capsys.readouterr()
-        assert run_cli(*args) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
-        assert words in err, (args, err)
+    _each_refused_in_one_line(capsys, cases)
     assert not (tmp_path / "c" / "runs").exists()  # compare refused before any training
     del _json
 
@@ -226,12 +231,7 @@ def test_each_case_of_the_third_hostile_round_is_one_line_and_up_front(tmp_path,
     if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         cases.append((["train", *TINY, "--max-steps", 1, "--device", "mps", "--results-dir", tmp_path / "m"],
                       "no usable MPS device"))
-    for args, words in cases:
-        capsys.readouterr()
-        assert run_cli(*args) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
-        assert words in err, (args, err)
+    _each_refused_in_one_line(capsys, cases)
     assert not (tmp_path / "r" / "checkpoints").exists() and not (tmp_path / "c" / "runs").exists()
     assert not (tmp_path / "g.png").exists()
     capsys.readouterr()  # argparse's own errors: one line, not the usage block first

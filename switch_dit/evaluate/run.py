@@ -41,13 +41,16 @@ def load_npz_images(path) -> np.ndarray:
     return check_images(arr, str(path))
 
 
+MIN_IMAGES = 10  # FID needs a covariance, precision/recall k + 1 neighbours
+
+
 def check_images(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"{what}: images must be uint8 (N, H, W, C) with C = 1 or 3, got {arr.dtype} {arr.shape}; "
                          "switch-dit sample --num-fid-samples writes that format")
-    if len(arr) < 10:
+    if len(arr) < MIN_IMAGES:
         raise ValueError(f"{what}: {len(arr)} images are too few to score (FID needs a covariance, precision/recall "
-                         "k + 1 neighbours); give at least 10")
+                         f"k + 1 neighbours); give at least {MIN_IMAGES}")
     return arr
 
 
