@@ -215,6 +215,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         cfg.vae = str(Path(cfg.vae).resolve())  # recorded absolute: sampling from another folder finds it
     info = du.setup(cfg.device)
     lock = ckpt.RunLock(cfg.results_dir)
+    created = not Path(cfg.results_dir).exists()
     try:
         if info.is_main:
             _check_results_dir(Path(cfg.results_dir))
@@ -225,9 +226,24 @@ def train(cfg: Config, progress: bool = True) -> dict:
                                  f"{earlier[-1].name}): continue it with --resume auto, or choose a new --results-dir")
             ckpt.remove_stale_temp_files(Path(cfg.results_dir) / "checkpoints")  # left by a save killed midway
         return _train(cfg, info, progress)
+    except BaseException:
+        lock.release()
+        if created and info.is_main:  # a run that failed before writing anything leaves no folder behind
+            _remove_if_only_guard(Path(cfg.results_dir))
+        raise
     finally:
         lock.release()
         du.teardown()
+
+
+def _remove_if_only_guard(folder: Path) -> None:
+    """Remove a results folder this run created if the run lock's guard file is all it holds."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {".lock.guard"}:
+            (folder / ".lock.guard").unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # (someone else's file appeared meanwhile: keep the folder)
+        pass
 
 
 class LossWatch:
@@ -398,13 +414,19 @@ def _train(cfg: Config, info: du.DistInfo, progress: bool) -> dict:
     logger = RunLogger(str(results), cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), enabled=info.is_main,
                        start_step=start_step)
     if info.is_main:
-        (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
+        if start_step < cfg.max_steps:  # (a run past --max-steps keeps its record: it trains nothing)
+            (results / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
         from .flops import active_parameters
         total, active = sum(p.numel() for p in model.parameters()), active_parameters(model)
         print(f"[switch-dit] {cfg.model}: {total / 1e6:.2f}M parameters"
               + (f" ({active / 1e6:.2f}M active per token)" if active != total else "") +
               f", {len(dataset)} training items of shape {dataset.shape}, {info.world_size} process(es) on {device}, "
               f"steps {start_step} -> {cfg.max_steps}", flush=True)
+        if start_step >= cfg.max_steps:  # (--max-steps counts from the run's start, not from the checkpoint)
+            print(f"[switch-dit] note: the run is at step {start_step}, "
+                  + ("which is --max-steps: it is complete" if start_step == cfg.max_steps else
+                     f"past --max-steps {cfg.max_steps} (the step a run trains to, not a number of further steps)")
+                  + f"; nothing to train. Give --max-steps above {start_step} to continue it", flush=True)
         if cfg.warmup_steps > cfg.max_steps > start_step:  # (a short run of a recipe with a long warm-up)
             print(f"[switch-dit] note: the {cfg.warmup_steps}-step lr warm-up outlasts the run's {cfg.max_steps} steps: "
                   f"the lr ends at {cfg.lr * cfg.max_steps / cfg.warmup_steps:.3g}, not --lr {cfg.lr:g}", flush=True)
