@@ -333,7 +333,8 @@ def load(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; give a file such as "
+                              "RUN/checkpoints/step_XXXXXXX.pt" if path.is_dir() else f"checkpoint {path} does not exist")
     with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the outcome below says what matters
         warnings.simplefilter("ignore")
         return _load(path)

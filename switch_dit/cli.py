@@ -72,9 +72,25 @@ def _sample(args) -> int:
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}" +
                              (" (0 writes a grid instead of an .npz)" if flag == "--num-fid-samples" else ""))
+    seed = getattr(args, "global_seed", None)
+    if seed is not None and not -2**31 <= seed < 2**32:  # (checked here: the model is built with it before validation)
+        raise ValueError(f"--global-seed must be in [-2^31, 2^32), got {seed}")
+    if getattr(args, "preset", None) or getattr(args, "config", None):  # (they were read, then dropped)
+        raise ValueError("sample takes no --preset or --config: the checkpoint records its options; give sampling "
+                         "flags (--sampler, --num-sampling-steps, --cfg-scale, ...)")
+    grid_only = [flag for flag, given in (("--class-labels", args.class_labels is not None),
+                                          ("--per-class", args.per_class is not None),
+                                          ("--scale", args.scale is not None), ("--no-row-names", args.no_row_names))
+                 if given]
+    if args.num_fid_samples and grid_only:
+        raise ValueError(f"grid options ({', '.join(grid_only)}) do not apply to --num-fid-samples, which draws its "
+                         "labels uniformly over the classes (as FID needs): leave them out")
     overrides = config_from_args(args, validate=False)  # --model etc. for other code's state dicts
     model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
     apply_sampling_options(cfg, args)  # the command line wins over the checkpoint's options
+    if getattr(args, "ddim_eta", None) is not None and cfg.sampler != "ddim":
+        raise ValueError(f"--ddim-eta is DDIM's noise level; the sampler is {cfg.sampler}: add --sampler ddim or leave "
+                         "--ddim-eta out")
     _check_vae_fits(model, cfg, args, latents_need_one=False)  # (a latent grid without a VAE shows the latents)
     if args.compile:  # this command's flag only, never the training run's --compile
         from .sample import compile_for_sampling
@@ -262,7 +278,8 @@ def _evaluate(args) -> int:
     import json
 
     from .evaluate.features import build_extractor, default_features
-    from .evaluate.run import DEFAULT_CACHE, MIN_IMAGES, load_folder_images, load_npz, reference_features, score
+    from .evaluate.run import (DEFAULT_CACHE, MIN_IMAGES, check_reference, load_folder_images, load_npz,
+                               reference_features, score)
     from .provenance import file_sha256, now, sampling_manifest
     from .utils.dist import resolve_device
 
@@ -291,6 +308,12 @@ def _evaluate(args) -> int:
     if args.vae and not (args.ckpt_flag or args.pretrained):
         raise ValueError("--vae decodes the samples of a --ckpt latent model; --npz and --images hold images already: "
                          "leave it out")
+    sampling = [f"--{k.replace('_', '-')}" for k in ("sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
+                                                     "global_seed", "noise_schedule") if getattr(args, k) is not None]
+    sampling += ["--compile"] * bool(args.compile)
+    if sampling and not (args.ckpt_flag or args.pretrained):
+        raise ValueError(f"{', '.join(sampling)} set how a --ckpt model samples; --npz and --images hold samples "
+                         "already: leave them out")
     if args.out:  # before any sampling or feature extraction, which can take long
         _check_out(args.out)
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
@@ -335,6 +358,7 @@ def _evaluate(args) -> int:
     ref_split = ref_split or "train"
     if ref_data == "folder" and not ref_path:
         raise ValueError("--ref-data folder needs --ref-path FOLDER (the reference images)")
+    check_reference(ref_data, ref_path, ref_split)  # before sampling, which can take long
     features = args.features or default_features(ref_data)
     extractor = build_extractor(features, args.inception, device)
     extractor.progress = not args.no_progress
@@ -430,8 +454,20 @@ def _analyze(args) -> int:
             cfg.data, cfg.data_path = args.data, None
         if getattr(args, "data_path", None) is not None:
             cfg.data_path = args.data_path
-        summary = analyze_tokens(model, cfg, *analysis_images(cfg), out)
+        x, y = analysis_images(cfg)
+        if tuple(x.shape[1:]) != (model.in_channels, *[model.x_embedder.grid_size * model.patch_size] * 2):
+            raise ValueError(f"--data {cfg.data}{f' --data-path {cfg.data_path}' if cfg.data_path else ''} gives "
+                             f"{tuple(x.shape[1:])} inputs (channels, height, width), but the model takes "
+                             f"{model.in_channels}x{model.x_embedder.grid_size * model.patch_size}"
+                             f"x{model.x_embedder.grid_size * model.patch_size}: give data of the model's kind "
+                             "(by default the run's own)")
+        summary = analyze_tokens(model, cfg, x, y, out)
     else:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("data", "data_path", "noise_schedule")
+                   if getattr(args, k, None) is not None]
+        if ignored:  # (the gates' map is exact: a function of the timestep, measured on no data)
+            raise ValueError(f"{', '.join(ignored)}: {cfg.model} routes by timestep only, so its map is read from its "
+                             "gates without data or noise; leave them out (they apply to token-routed models)")
         summary = analyze(model, out)
     print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=1))
     print(f"[switch-dit] routing analysis written to {out}")

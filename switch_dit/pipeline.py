@@ -106,6 +106,12 @@ class Pipeline:
                                ("--global-seed", "seed"), ("--sampler", "sampler")):
                 msg = msg.replace(flag, name)
             raise ValueError(msg) from None
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):  # a tensor or array of indices, as a list of them
+            arr = np.asarray(class_labels.detach().cpu() if isinstance(class_labels, torch.Tensor) else class_labels)
+            if arr.ndim > 1 or arr.dtype.kind not in "iu":
+                raise ValueError(f"class_labels as a tensor or array must hold class indices (1-D integers), got "
+                                 f"shape {tuple(arr.shape)} of {arr.dtype}")
+            class_labels = [int(c) for c in arr.reshape(-1)]
         labels = list(range(self.model.num_classes)) if class_labels is None else [
             self.class_index(c) for c in (class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])]
         images = sample_batched(self.model, cfg, labels, cfg.global_seed, self.device, batch_size, self.vae)

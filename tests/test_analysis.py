@@ -119,6 +119,16 @@ def test_analyze_cli_on_a_token_routed_model(tmp_path, capsys):
             assert len(b["routed_experts_per_token"]) == 50 and 0 <= b["null_information_bits"] <= 3.0
         assert summary["mean_null_information_bits"] >= 0
         assert summary["measured_on"]["data"] == "digits" and summary["measured_on"]["images"] > 0
+    # data of another kind than the model's (colour images for a grey model) is one line, not a conv error
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "rgb" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "rgb" / c / "x.png")
+    capsys.readouterr()
+    assert run_cli("analyze", out / "checkpoints" / "step_0000002.pt", "--data", "folder", "--data-path",
+                   tmp_path / "rgb", "--out", tmp_path / "rgb_an") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gives (3, 8, 8) inputs (channels, height, width), but the model takes 1x8x8" in err
     # digits is built in: a --data-path with it would be ignored, so it is refused (train and analyze)
     capsys.readouterr()
     assert run_cli("analyze", out / "checkpoints" / "step_0000002.pt", "--data-path", tmp_path, "--out",

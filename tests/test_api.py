@@ -67,6 +67,12 @@ def test_pipeline_equals_the_command_line(run, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out))[..., None], make_grid(images, nrow=2))
     pil = pipe(class_labels=[0], num_inference_steps=2)
     assert isinstance(pil[0], Image.Image)
+    # a tensor or array of indices is the list of them (it was 'unknown class tensor([...])')
+    for labels in (torch.tensor([7, 3, 7, 1]), np.array([7, 3, 7, 1])):
+        assert np.array_equal(pipe(class_labels=labels, num_inference_steps=3, guidance_scale=2.0, sampler="ddim",
+                                   generator=torch.Generator().manual_seed(4), output_type="np"), images)
+    with pytest.raises(ValueError, match="must hold class indices"):
+        pipe(class_labels=torch.tensor([0.5]))
     with pytest.raises(ValueError, match="unknown class 'sneakers'"):
         pipe(class_labels=["sneakers"])
     with pytest.raises(ValueError, match="out of range"):

@@ -241,3 +241,37 @@ def test_each_case_of_the_third_hostile_round_is_one_line_and_up_front(tmp_path,
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == ("switch-dit train: error: argument --lr: invalid float value: 'abc' "
                                          "(see switch-dit train --help)")
+
+
+def test_each_case_of_the_fourth_hostile_round_is_one_line(tmp_path, capsys):
+    """Flags that were read and then dropped (sample --config/--preset, grid options with --num-fid-samples,
+    --ddim-eta without DDIM, sampling flags of evaluate --npz, analyze's data options on a timestep-routed model) and
+    a reference that cannot be read as asked (digits' test split, a path for built-in digits) are refused up front."""
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY, "--max-steps", 1, "--ckpt-every", 1, "--results-dir", run) == 0
+    ckpt = run / "checkpoints" / "step_0000001.pt"
+    (tmp_path / "c.yaml").write_text("cfg_scale: 4.0\n")
+    np.savez(tmp_path / "s.npz", arr_0=np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    grid = ["sample", ckpt, "--num-sampling-steps", 2, "--out", tmp_path / "g.png"]
+    fid = ["sample", ckpt, "--num-sampling-steps", 2, "--num-fid-samples", 4, "--out", tmp_path / "s4.npz"]
+    ev = ["evaluate", "--npz", tmp_path / "s.npz", "--features", "fmnist-classifier", "--ref-data", "digits",
+          "--cache-dir", tmp_path / "cache", "--no-progress"]
+    _each_refused_in_one_line(capsys, [
+        (grid + ["--config", tmp_path / "c.yaml"], "sample takes no --preset or --config"),
+        (grid + ["--preset", "cpu-fashion"], "sample takes no --preset or --config"),
+        (fid + ["--class-labels", 3], "grid options (--class-labels) do not apply to --num-fid-samples"),
+        (fid + ["--per-class", 2, "--scale", 4, "--no-row-names"], "(--per-class, --scale, --no-row-names)"),
+        (grid + ["--ddim-eta", 0.5], "--ddim-eta is DDIM's noise level; the sampler is ddpm"),
+        (grid + ["--sampler", "dpm++", "--ddim-eta", 0.5], "the sampler is dpm++: add --sampler ddim"),
+        (grid + ["--global-seed", 10 ** 20], "--global-seed must be in [-2^31, 2^32), got 100000000000000000000"),
+        (ev + ["--sampler", "ddim", "--cfg-scale", 7], "--sampler, --cfg-scale set how a --ckpt model samples"),
+        (ev + ["--compile"], "--compile set how a --ckpt model samples"),
+        (ev + ["--ref-split", "test"], "--ref-split test: digits has no test split"),
+        (ev + ["--ref-path", tmp_path], "digits is built in (scikit-learn) and reads no path"),
+        (["analyze", ckpt, "--data", "digits", "--out", tmp_path / "an"], "--data: Switch-DiT-XS/2 routes by timestep"),
+        (["analyze", ckpt, "--noise-schedule", "cosine", "--out", tmp_path / "an"], "--noise-schedule: Switch-DiT"),
+    ])
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "s4.npz").exists() and not (tmp_path / "an").exists()
+    assert run_cli("sample", *grid[1:], "--sampler", "ddim", "--ddim-eta", 0.5) == 0  # where it applies, it works

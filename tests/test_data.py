@@ -84,3 +84,46 @@ def test_image_folder_classes_flat_and_modes(tmp_path):
     assert flat.num_classes == 1 and flat[0][1] == 0
     with pytest.raises(DataError, match="does not exist"):
         ImageFolderDataset(tmp_path / "none", 8)
+
+
+def test_image_folder_deep_and_float_images_keep_their_grey_and_odd_layouts_are_refused(tmp_path, monkeypatch):
+    """16-bit, 32-bit integer and float grey images read as the same mid grey as an 8-bit one (PIL's conversion
+    clipped 16-bit mid grey to white and float 0-1 to black); hidden folders are not classes; a class folder without
+    images, or images beside class folders, are one-line errors; a decompression-bomb header is a corrupt image."""
+    from PIL import Image
+
+    root = tmp_path / "deep"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(root / "a8.png")
+    Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(root / "b16.png")
+    Image.fromarray(np.full((8, 8), 128 * 257, np.int32)).save(root / "c32.tiff")
+    Image.fromarray(np.full((8, 8), 128 / 255, np.float32)).save(root / "d01.tiff")
+    Image.fromarray(np.full((8, 8), 128.0, np.float32)).save(root / "e255.tiff")
+    ds = ImageFolderDataset(root, 8)
+    assert [Image.open(f).mode for f, _ in ds.files] == ["L", "I;16", "I", "F", "F"]
+    first = ds[0][0]
+    for i in range(1, 5):
+        assert torch.equal(ds[i][0], first), ds.files[i][0].name
+    Image.fromarray(np.full((8, 8), -1.0, np.float32)).save(root / "f_neg.tiff")
+    with pytest.raises(DataError, match="outside 0-65535"):
+        ds = ImageFolderDataset(root, 8)
+        ds[5]
+
+    cls = tmp_path / "cls"
+    for d in ("a", "a/.ipynb_checkpoints", ".git"):
+        (cls / d).mkdir(parents=True)
+    for f in ("a/x.png", "a/.ipynb_checkpoints/x.png", ".git/x.png"):
+        Image.new("L", (8, 8)).save(cls / f)
+    ds = ImageFolderDataset(cls, 8)
+    assert ds.class_names == ["a"] and len(ds) == 1
+    (cls / "b_empty").mkdir()
+    with pytest.raises(DataError, match="class folder\\(s\\) 'b_empty' in .* hold no images"):
+        ImageFolderDataset(cls, 8)
+    (cls / "b_empty").rmdir()
+    Image.new("L", (8, 8)).save(cls / "loose.png")
+    with pytest.raises(DataError, match="1 image\\(s\\) outside them, e.g. 'loose.png'"):
+        ImageFolderDataset(cls, 8)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # an 8x8 image is then over twice the limit: a "bomb"
+    with pytest.raises(DataError, match="corrupt or unreadable image .*a8.png.*exceeds limit.*--skip-corrupt"):
+        ImageFolderDataset(root, 8)[0]

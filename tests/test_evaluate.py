@@ -185,3 +185,19 @@ def test_long_cpu_inception_runs_are_announced():
     assert InceptionExtractor.estimate(fake, 500) is None
     assert InceptionExtractor.estimate(SimpleNamespace(**{**vars(fake), "device": "cuda"}), 60_000) is None
     assert ClassifierExtractor.estimate(SimpleNamespace(device="cpu", name="c"), 60_000) is None
+
+
+def test_the_digits_reference_cache_does_not_depend_on_the_working_folder(tmp_path, monkeypatch):
+    """Built-in digits has no files: its cached features are found again from any folder (the key held the working
+    folder's modification time, so every run missed the cache and left another file)."""
+    from switch_dit.evaluate.features import build_extractor
+    from switch_dit.evaluate.run import reference_features
+
+    ext = build_extractor("fmnist-classifier")
+    paths = []
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+        monkeypatch.chdir(tmp_path / sub)
+        (tmp_path / sub / "f").write_text("x")  # a folder just changed
+        paths.append(reference_features(ext, "digits", None, "train", 8, 20, tmp_path / "cache")[2])
+    assert paths[0] == paths[1] and len(list((tmp_path / "cache" / "refstats").iterdir())) == 1

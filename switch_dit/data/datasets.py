@@ -121,6 +121,26 @@ def center_crop_arr(pil_image, image_size: int):
     return arr[top: top + image_size, left: left + image_size]
 
 
+def to_rgb(im):
+    """An 8-bit RGB image of any PIL mode. Grey, palette, RGBA and CMYK convert as PIL does; 16-bit grey (I;16)
+    and 32-bit integer grey (I) are scaled from 0-65535 (integers that stay within 0-255 are taken as 8-bit), float
+    grey (F) from 0-1 or 0-255: PIL's own conversion clips them, so a mid-grey 16-bit image trained as white."""
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max(initial=0.0)
+        if not np.isfinite(a).all() or a.min(initial=0.0) < 0 or hi > 65535:
+            raise ValueError(f"a {im.mode}-mode image with values outside 0-65535 (or not finite); save it as an "
+                             "8- or 16-bit image")
+        if im.mode == "F" and hi <= 1.0:
+            a = a * 255.0
+        elif im.mode.startswith("I;16") or hi > 255:
+            a = a / 257.0  # 65535 -> 255
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # (2-D uint8: mode L)
+    return im.convert("RGB")
+
+
 class ImageFolderDataset(Dataset):
     """ImageNet / FFHQ layout: one subfolder per class, or a flat folder of images (unconditional, one class).
 
@@ -131,12 +151,24 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, image_size: int = 256, skip_corrupt: bool = False):
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"image folder {root} does not exist; pass --data-path to a folder of images "
-                            "(one subfolder per class, or a flat folder for unconditional data)")
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+            raise DataError(f"image folder {root} does not exist; give the path of a folder of images (one subfolder "
+                            "per class, or a flat folder for unconditional data)")
+        # hidden folders (.ipynb_checkpoints, .git, ...) are neither classes nor images of one
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if subdirs:
+            loose = [f for f in root.iterdir() if _is_image(f)]
+            if loose:  # (they would be left out without a word)
+                raise DataError(f"{root} holds class subfolders ({', '.join(repr(d.name) for d in subdirs[:3])}"
+                                f"{', ...' if len(subdirs) > 3 else ''}) and {len(loose)} image(s) outside them, e.g. "
+                                f"{loose[0].name!r}: put every image in a class folder, or move the subfolders out "
+                                "for unconditional data")
             self.class_names = [p.name for p in subdirs]
-            files = [(f, c) for c, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+            files = [(f, c) for c, d in enumerate(subdirs) for f in sorted(d.rglob("*"))
+                     if _is_image(f) and not any(part.startswith(".") for part in f.relative_to(d).parts)]
+            empty = [d.name for c, d in enumerate(subdirs) if not any(fc == c for _, fc in files)]
+            if files and empty:  # a class without images would still get a label, an embedding and a grid row
+                raise DataError(f"class folder(s) {', '.join(repr(n) for n in empty[:5])} in {root} hold no images "
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}): add images or remove the folder(s)")
         else:
             self.class_names = ["all"]
             files = [(f, 0) for f in sorted(root.iterdir()) if _is_image(f)]
@@ -161,9 +193,8 @@ class ImageFolderDataset(Dataset):
         path = self.files[i][0]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")  # grey, palette and RGBA images become RGB
-                arr = center_crop_arr(im, self.image_size)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                arr = center_crop_arr(to_rgb(im), self.image_size)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             hint = "skipped" if self.skip_corrupt else "remove it or pass --skip-corrupt"
             raise DataError(f"corrupt or unreadable image {path}: {e}; {hint}") from e
         return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)

@@ -6,6 +6,7 @@ The cache holds, for every image and both horizontal flips, the posterior mean a
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -108,13 +109,47 @@ class LatentDataset(Dataset):
         root = Path(root)
         if not (root / "meta.json").is_file():
             raise DataError(f"{root} is not a latent cache (no meta.json); make one with 'switch-dit extract-latents'")
-        self.meta = json.loads((root / "meta.json").read_text())
-        self.means = np.load(root / "mean.npy", mmap_mode="r")
-        self.stds = np.load(root / "std.npy", mmap_mode="r")
-        self.labels = np.load(root / "labels.npy")
-        self.num_classes = self.meta["num_classes"]
-        self.class_names = self.meta["class_names"]
-        self.scale_factor = self.meta["scale_factor"]
+        redo = "; make the cache again with 'switch-dit extract-latents'"
+        try:
+            self.meta = json.loads((root / "meta.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"{root / 'meta.json'} is unreadable ({' '.join(str(e).split())}){redo}") from None
+        meta = self.meta
+        kinds = {"shape": list, "scale_factor": (int, float), "num_classes": int, "class_names": list}
+        wrong = [k for k, t in kinds.items() if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), t)] \
+            if isinstance(meta, dict) else ["(not a JSON object)"]
+        if not wrong and not (len(meta["shape"]) == 3 and all(isinstance(v, int) and v > 0 for v in meta["shape"])
+                              and meta["shape"][1] == meta["shape"][2]):
+            wrong = ["shape (C, h, w) with h = w"]
+        if not wrong and not (math.isfinite(meta["scale_factor"]) and meta["scale_factor"] > 0):
+            wrong = ["scale_factor > 0"]
+        if not wrong and not (meta["num_classes"] >= 1 and len(meta["class_names"]) == meta["num_classes"]):
+            wrong = [f"class_names ({len(meta['class_names'])}) for num_classes {meta['num_classes']}"]
+        if wrong:
+            raise DataError(f"{root / 'meta.json'} lacks or misstates {', '.join(wrong)}{redo}")
+        arrays = {}
+        for name in ("mean", "std", "labels"):
+            try:
+                arrays[name] = np.load(root / f"{name}.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{root / (name + '.npy')} is missing or unreadable "
+                                f"({' '.join(str(e).split())}){redo}") from None
+        self.means, self.stds = arrays["mean"], arrays["std"]
+        expect = (2, *meta["shape"])  # (both flips, C, h, w) per item
+        for name in ("mean", "std"):
+            a = arrays[name]
+            if a.ndim != 5 or a.shape[1:] != expect or a.shape[0] != len(arrays["labels"]):
+                raise DataError(f"{root / (name + '.npy')} has shape {a.shape}, not (N, {', '.join(map(str, expect))}) "
+                                f"with N = the {len(arrays['labels'])} labels of labels.npy{redo}")
+        labels = np.asarray(arrays["labels"])
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or (
+                len(labels) and (labels.min() < 0 or labels.max() >= meta["num_classes"])):
+            raise DataError(f"{root / 'labels.npy'} must hold integer labels in [0, {meta['num_classes']}) "
+                            f"(num_classes in meta.json){redo}")
+        self.labels = labels
+        self.num_classes = meta["num_classes"]
+        self.class_names = meta["class_names"]
+        self.scale_factor = meta["scale_factor"]
 
     def __len__(self):
         return len(self.labels)
@@ -128,6 +163,9 @@ class LatentDataset(Dataset):
         if not std.any():
             raise DataError(f"latent {i} was never extracted; rerun 'switch-dit extract-latents' to finish the cache")
         x = np.stack([np.asarray(self.means[i], dtype=np.float32), std], axis=1)
+        if not np.isfinite(x).all():  # (it would train as a divergence, with advice about the learning rate)
+            raise DataError(f"latent {i} of the cache holds NaN or inf values; rerun 'switch-dit extract-latents' "
+                            "into a new folder")
         return torch.from_numpy(x), int(self.labels[i])
 
     def draw(self, x: torch.Tensor, flips: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -74,11 +74,22 @@ def load_folder_images(path, image_size: int | None = None, limit: int | None = 
     return to_uint8(torch.stack([ds[int(i)][0] for i in subset(len(ds), limit)]))
 
 
+def check_reference(data: str, data_path: str | None, split: str) -> None:
+    """A reference that can be read as asked: a split the data has, a path where the data reads one."""
+    if data in ("digits", "folder") and split != "train":  # (only Fashion-MNIST has a test split)
+        raise ValueError(f"--ref-split {split}: {data} has no {split} split (its reference is the whole set); leave "
+                         "--ref-split out")
+    if data == "digits" and data_path:
+        raise ValueError(f"--ref-path {data_path}: digits is built in (scikit-learn) and reads no path; leave "
+                         "--ref-path out, or use --ref-data folder for images in a folder")
+
+
 def reference_images(data: str, data_path: str | None, split: str, image_size: int, limit: int | None) -> np.ndarray:
     """The reference set; with limit, a random subset of that many (seeded: the same subset every time)."""
     from ..images import to_uint8
     from ..data.datasets import FASHION_MNIST_DEFAULT, FashionMNIST, DigitsDataset
 
+    check_reference(data, data_path, split)
     if data == "fashion-mnist":
         ds = FashionMNIST(data_path or FASHION_MNIST_DEFAULT, split, image_size)
         images = ds.images
@@ -94,6 +105,7 @@ def reference_images(data: str, data_path: str | None, split: str, image_size: i
 def reference_features(extractor: Extractor, data: str, data_path: str | None, split: str, image_size: int,
                        limit: int | None, cache_dir=DEFAULT_CACHE) -> tuple[np.ndarray, np.ndarray | None, Path]:
     """Features of the reference set, cached on disk under a hash of everything they depend on."""
+    check_reference(data, data_path, split)
     key = json.dumps({"extractor": extractor.ident, "data": data, "path": str(data_path), "split": split,
                       "size": image_size, "limit": limit, "subset": "random-seed0" if limit else "all",
                       "mtime": _mtime(data, data_path)}, sort_keys=True)
@@ -118,9 +130,13 @@ def reference_features(extractor: Extractor, data: str, data_path: str | None, s
 
 
 def _mtime(data: str, data_path) -> float | None:
+    """When the reference files last changed (part of the cache key); None for built-in digits, which has no files
+    (the working folder's time, used before, missed the cache at every run)."""
     from ..data.datasets import FASHION_MNIST_DEFAULT
-    p = Path(data_path or (FASHION_MNIST_DEFAULT if data == "fashion-mnist" else "."))
-    return p.stat().st_mtime if p.exists() else None
+    if data == "digits":
+        return None
+    p = Path(data_path or FASHION_MNIST_DEFAULT) if data_path or data == "fashion-mnist" else None
+    return p.stat().st_mtime if p is not None and p.exists() else None
 
 
 def score(images: np.ndarray, extractor: Extractor, ref_feats: np.ndarray, k: int = 3,
