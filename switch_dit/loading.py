@@ -260,7 +260,7 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         _refuse_recorded(cfg, cfg_overrides, given, path)
         model = build_checked(_override(cfg, cfg_overrides, given, SAMPLING_FIELDS), weights, path,
                               meta["num_classes"])
-        _agree(model, meta, path)
+        _agree(model, meta, path, cfg)
         return _attach(model.eval(), cfg, meta["step"], meta.get("class_names"), str(path)), cfg, meta["step"]
     saved = ckpt.load(path)
     fmt = saved.get("format") if isinstance(saved, dict) else None
@@ -278,7 +278,7 @@ def load_model(path: str, use_ema: bool = True, cfg_overrides: Config | None = N
         _refuse_recorded(cfg, cfg_overrides, given, path)
         model = build_checked(_override(cfg, cfg_overrides, given, SAMPLING_FIELDS), state, path,
                               _int(saved["num_classes"], "num_classes", path))
-        _agree(model, saved, path)
+        _agree(model, saved, path, cfg)
         step = saved.get("step")
         return _attach(model.eval(), cfg, step, saved.get("class_names"), str(path)), cfg, step
     state = saved.get("ema" if use_ema else "model", saved.get("model", saved)) if isinstance(saved, dict) else None
@@ -435,11 +435,14 @@ def _int(v, name, path) -> int:
     return v
 
 
-def _agree(model: DiT, record: dict, path) -> None:
-    """Sizes the file claims beside its tensors must be the tensors' own."""
+def _agree(model: DiT, record: dict, path, cfg: Config | None = None) -> None:
+    """Sizes the file claims beside its tensors must be the tensors' own (and a pixel model's recorded image size
+    its input size)."""
     actual = {"in_channels": model.in_channels, "input_size": model.x_embedder.grid_size * model.patch_size,
               "num_classes": model.num_classes}
     wrong = [f"{k} {record.get(k)!r} (the weights say {v})" for k, v in actual.items() if record.get(k) != v]
+    if cfg is not None and cfg.data != "latents" and not cfg.vae and cfg.image_size != actual["input_size"]:
+        wrong.append(f"config image_size {cfg.image_size!r} (the weights say {actual['input_size']})")
     if wrong:
         raise ckpt.CheckpointError(f"{path} claims {', '.join(wrong)}; the file is damaged or edited")
 
@@ -608,7 +611,7 @@ def _load_folder(folder: Path, use_ema: bool, cfg_overrides: Config | None):
     _refuse_recorded(cfg, cfg_overrides, given, folder)
     model = build_checked(_override(cfg, cfg_overrides, given, SAMPLING_FIELDS), weights, folder,
                           _int(info.get("num_classes"), "num_classes", folder))
-    _agree(model, info, folder)
+    _agree(model, info, folder, cfg)
     return _attach(model.eval(), cfg, info.get("step"), info.get("class_names"), str(folder))
 
 

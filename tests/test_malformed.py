@@ -78,6 +78,7 @@ def make_malformed(folder: Path, ckpt: Path, export: Path) -> int:
     variant("half_converted_authors_names", lambda s: s["ema"].update(
         {"routers.0.f_gate.1.weight": s["ema"].pop("blocks.0.router.gate.1.weight")}))
     variant("format_wrong", lambda s: s.update(format="switch-dit/train-state/999"))
+    variant("config_image_size_wrong", lambda s: s["config"].update(image_size=16))
 
     meta = {}
     from safetensors import safe_open
@@ -116,6 +117,8 @@ def make_malformed(folder: Path, ckpt: Path, export: Path) -> int:
     export_variant("extra_tensor", tensor_change=lambda t: t.update(extra=torch.zeros(2)))
     export_variant("shape_off_by_one", tensor_change=lambda t: t.update({w0: torch.zeros(577, 192)}))
     export_variant("nan_weights", tensor_change=lambda t: t.update({w0: torch.full_like(t[w0], float("nan"))}))
+    export_variant("config_image_size_wrong", lambda m: m.update(config=json.dumps(
+        {**json.loads(m["config"]), "image_size": 16})))
     export_variant("flow_config_sigma_weights", lambda m: m.update(config=json.dumps(
         {**json.loads(m["config"]), "objective": "flow", "sampler": "heun"})))
 
