@@ -494,7 +494,12 @@ def _compare(args) -> int:
                          overrides=overrides, progress=not args.no_progress,
                          command="switch-dit " + " ".join(args.argv), variants=args.variants, reuse=args.reuse,
                          reuse_check_steps=args.reuse_check_steps)
-    print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({len(res['runs'])} runs)")
+    from .compare import label_of
+    cfg = res.get("config", {})
+    mine = sum(label_of(r) in cfg.get("variants", ()) and r["seed"] in cfg.get("seeds", ()) for r in res["runs"].values())
+    others = len(res["runs"]) - mine  # (an earlier call's variants or seeds in the same folder)
+    print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({mine} run{'s' * (mine != 1)} of these variants and seeds"
+          + (f"; results.json also keeps {others} of other variants or seeds" if others else "") + ")")
     return 0
 
 

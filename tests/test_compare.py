@@ -110,6 +110,11 @@ def test_variant_specs_token_routing_and_reuse(tmp_path, capsys):
     assert "compiled_sampling_gflops" not in res["runs"]["EC-MoE/seed0"]
     assert "mean_null_information_bits" in res["runs"]["TC-MoE/seed0"]["routing"]["expert_map"]
     assert (first / "routing_side_by_side.png").is_file() and (first / "TC-MoE_routing_map.png").is_file()
+    # the same folder for one of its variants: nothing trains; the count printed is the report's, not the file's
+    capsys.readouterr()
+    assert run_cli(*base, "--out", first, "--variants", "DiT") == 0
+    assert "(1 run of these variants and seeds; results.json also keeps 3 of other variants or seeds)" in \
+        capsys.readouterr().out
     second = tmp_path / "second"
     assert run_cli(*base, "--out", second, "--variants", "DiT", "TC-MoE:moe_aux_alpha=0.1", "--reuse", first,
                    "--reuse-check-steps", 2) == 0
