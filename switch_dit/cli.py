@@ -88,7 +88,7 @@ def _sample(args) -> int:
     overrides = config_from_args(args, validate=False)  # --model etc. for other code's state dicts
     model, cfg, step = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, cfg_overrides=overrides)
     apply_sampling_options(cfg, args)  # the command line wins over the checkpoint's options
-    if getattr(args, "ddim_eta", None) is not None and cfg.sampler != "ddim":
+    if getattr(args, "ddim_eta", None) not in (None, 0) and cfg.sampler != "ddim":  # (0, the default, is harmless)
         raise ValueError(f"--ddim-eta is DDIM's noise level; the sampler is {cfg.sampler}: add --sampler ddim or leave "
                          "--ddim-eta out")
     _check_vae_fits(model, cfg, args, latents_need_one=False)  # (a latent grid without a VAE shows the latents)
@@ -314,6 +314,8 @@ def _evaluate(args) -> int:
     if sampling and not (args.ckpt_flag or args.pretrained):
         raise ValueError(f"{', '.join(sampling)} set how a --ckpt model samples; --npz and --images hold samples "
                          "already: leave them out")
+    if args.ref_data:  # before the samples are read or made (the checkpoint's or .npz's data is checked later)
+        check_reference(args.ref_data, args.ref_path, args.ref_split or "train")
     if args.out:  # before any sampling or feature extraction, which can take long
         _check_out(args.out)
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
@@ -494,9 +496,10 @@ def _compare(args) -> int:
                          overrides=overrides, progress=not args.no_progress,
                          command="switch-dit " + " ".join(args.argv), variants=args.variants, reuse=args.reuse,
                          reuse_check_steps=args.reuse_check_steps)
-    from .compare import label_of
+    from .compare import VARIANTS, label_of
     cfg = res.get("config", {})
-    mine = sum(label_of(r) in cfg.get("variants", ()) and r["seed"] in cfg.get("seeds", ()) for r in res["runs"].values())
+    mine = sum(label_of(r) in cfg.get("variants", VARIANTS) and r["seed"] in cfg.get("seeds", ())
+               for r in res["runs"].values())
     others = len(res["runs"]) - mine  # (an earlier call's variants or seeds in the same folder)
     print(f"[switch-dit] report: {Path(args.out) / 'report.md'} ({mine} run{'s' * (mine != 1)} of these variants and seeds"
           + (f"; results.json also keeps {others} of other variants or seeds" if others else "") + ")")

@@ -477,9 +477,15 @@ def drop_ignored(values: dict) -> dict:
     return values
 
 
+def _runnable(values: dict) -> dict:
+    """A recorded config with a value earlier versions accepted and this one refuses set to the nearest valid one:
+    max_steps 0 (a run that trained nothing) reads as 1; the options given now still override it."""
+    return {**values, "max_steps": 1} if values.get("max_steps") == 0 else values
+
+
 def _checked_record(values: dict, source) -> dict:
     """A run's recorded options, valid, or a one-line error naming the file they come from."""
-    values = drop_ignored(values)
+    values = _runnable(drop_ignored(values))
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown and os.environ.get("RANK", "0") == "0":  # (a field of another version, or a hand edit: not used)

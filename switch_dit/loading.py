@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, config_from_dict
+from .config import Config, _runnable, config_from_dict
 from .factory import build_model
 from .models.dit import DiT
 
@@ -423,7 +423,7 @@ def _config_from_record(record, path) -> Config:
         raise ckpt.CheckpointError(f"{path}: its config is a {type(record).__name__}, not a mapping; the file is "
                                    "damaged: use another checkpoint")
     try:
-        return config_from_dict(record).validate()
+        return config_from_dict(_runnable(record)).validate()
     except (TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{path}: its recorded config is invalid ({' '.join(str(e).split())}); the file is "
                                    "damaged or of another version") from None
@@ -441,7 +441,8 @@ def _agree(model: DiT, record: dict, path, cfg: Config | None = None) -> None:
     actual = {"in_channels": model.in_channels, "input_size": model.x_embedder.grid_size * model.patch_size,
               "num_classes": model.num_classes}
     wrong = [f"{k} {record.get(k)!r} (the weights say {v})" for k, v in actual.items() if record.get(k) != v]
-    if cfg is not None and cfg.data != "latents" and not cfg.vae and cfg.image_size != actual["input_size"]:
+    if (cfg is not None and model.in_channels in (1, 3) and cfg.data != "latents" and not cfg.vae
+            and cfg.image_size != actual["input_size"]):  # (a latent model of other code may record no VAE)
         wrong.append(f"config image_size {cfg.image_size!r} (the weights say {actual['input_size']})")
     if wrong:
         raise ckpt.CheckpointError(f"{path} claims {', '.join(wrong)}; the file is damaged or edited")

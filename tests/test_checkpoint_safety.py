@@ -108,3 +108,27 @@ def test_authors_dtr_checkpoint_loads(tmp_path):
 def _cfg(name):
     from switch_dit.config import Config
     return Config(model=name, image_size=8)
+
+
+def test_a_latent_model_of_other_code_saved_as_a_folder_loads_again(tmp_path):
+    """A foreign latent DiT loaded without a VAE records its pixel image size (64 for 8x8 latents): its folder is not
+    'edited' for that (the image-size check is for pixel models); a pixel model's is."""
+    import argparse
+    import json
+
+    import switch_dit
+
+    model = create_model("DiT-XS/2", input_size=8, in_channels=4, num_classes=10)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": argparse.Namespace(image_size=64)},
+               tmp_path / "dit.pt")
+    switch_dit.load(tmp_path / "dit.pt", model="DiT-XS/2").save_pretrained(tmp_path / "folder")
+    assert switch_dit.load(tmp_path / "folder").config.image_size == 64
+    pixel = create_model("DiT-XS/2", input_size=8, in_channels=1, num_classes=10)
+    torch.save({"model": pixel.state_dict(), "ema": pixel.state_dict(), "args": argparse.Namespace(image_size=8)},
+               tmp_path / "pix.pt")
+    switch_dit.load(tmp_path / "pix.pt", model="DiT-XS/2").save_pretrained(tmp_path / "pix")
+    cfg = json.loads((tmp_path / "pix" / "config.json").read_text())
+    cfg["config"]["image_size"] = 16
+    (tmp_path / "pix" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="claims config image_size 16 \\(the weights say 8\\)"):
+        switch_dit.load(tmp_path / "pix")

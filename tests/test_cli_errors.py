@@ -275,3 +275,4 @@ def test_each_case_of_the_fourth_hostile_round_is_one_line(tmp_path, capsys):
     ])
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "s4.npz").exists() and not (tmp_path / "an").exists()
     assert run_cli("sample", *grid[1:], "--sampler", "ddim", "--ddim-eta", 0.5) == 0  # where it applies, it works
+    assert run_cli("sample", *grid[1:], "--ddim-eta", 0) == 0  # (0, the default, is harmless with any sampler)

@@ -4,12 +4,13 @@ from pathlib import Path
 from tests.helpers import run_cli
 
 
-def test_comparison_end_to_end_tiny_budget(tmp_path):
+def test_comparison_end_to_end_tiny_budget(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--out", out, "--data", "digits", "--image-size", 8, "--patch", 2, "--max-steps", 2,
             "--eval-every", 1, "--num-samples", 20, "--num-sampling-steps", 2, "--global-batch-size", 8,
             "--seeds", 0, 1, "--no-progress"]
     assert run_cli(*args) == 0
+    assert "report.md (6 runs of these variants and seeds)" in capsys.readouterr().out  # (the default variants)
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {f"{v}/seed{s}" for v in ("DiT", "DTR", "Switch-DiT") for s in (0, 1)}
     for rec in res["runs"].values():

@@ -63,6 +63,12 @@ def test_resume_is_exact(tmp_path, model, capsys):
     assert (b / "config.yaml").read_text() == record and len(list_checkpoints(b / "checkpoints")) == 2
     assert run_cli("train", *args, "--max-steps", 0, "--results-dir", tmp_path / "c") == 2
     assert "--max-steps must be >= 1" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    # a folder an earlier version left with max_steps 0 recorded (it trained nothing) resumes with the steps given
+    (tmp_path / "z").mkdir()
+    assert "max_steps: 6\n" in record
+    (tmp_path / "z" / "config.yaml").write_text(record.replace("max_steps: 6\n", "max_steps: 0\n"))
+    assert run_cli("train", "--results-dir", tmp_path / "z", "--resume", "auto", "--max-steps", 1) == 0
+    assert list_checkpoints(tmp_path / "z" / "checkpoints")[-1].name == "step_0000001.pt"
 
 
 def test_a_resume_inside_a_log_interval_logs_it_whole(tmp_path):

@@ -122,22 +122,18 @@ def center_crop_arr(pil_image, image_size: int):
 
 
 def to_rgb(im):
-    """An 8-bit RGB image of any PIL mode. Grey, palette, RGBA and CMYK convert as PIL does; 16-bit grey (I;16)
-    and 32-bit integer grey (I) are scaled from 0-65535 (integers that stay within 0-255 are taken as 8-bit), float
-    grey (F) from 0-1 or 0-255: PIL's own conversion clips them, so a mid-grey 16-bit image trained as white."""
+    """An 8-bit RGB image of any PIL mode. Grey, palette, RGBA and CMYK convert as PIL does; integer grey (I;16, I)
+    is read as 16-bit (0-65535) and float grey (F) as 0-1, by mode, so every image of a data set is scaled alike.
+    PIL's own conversion clips them: a mid-grey 16-bit image trained as white, a float one as black."""
     from PIL import Image
 
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        hi = a.max(initial=0.0)
-        if not np.isfinite(a).all() or a.min(initial=0.0) < 0 or hi > 65535:
-            raise ValueError(f"a {im.mode}-mode image with values outside 0-65535 (or not finite); save it as an "
-                             "8- or 16-bit image")
-        if im.mode == "F" and hi <= 1.0:
-            a = a * 255.0
-        elif im.mode.startswith("I;16") or hi > 255:
-            a = a / 257.0  # 65535 -> 255
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # (2-D uint8: mode L)
+        top = 1.0 if im.mode == "F" else 65535.0
+        if not np.isfinite(a).all() or a.min(initial=0.0) < 0 or a.max(initial=0.0) > top:
+            raise ValueError(f"a {im.mode}-mode image with values outside 0-{top:g} (or not finite), the range its "
+                             "mode is read in; save it as an 8- or 16-bit image")
+        im = Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8))  # (2-D uint8: mode L)
     return im.convert("RGB")
 
 
@@ -165,7 +161,8 @@ class ImageFolderDataset(Dataset):
             self.class_names = [p.name for p in subdirs]
             files = [(f, c) for c, d in enumerate(subdirs) for f in sorted(d.rglob("*"))
                      if _is_image(f) and not any(part.startswith(".") for part in f.relative_to(d).parts)]
-            empty = [d.name for c, d in enumerate(subdirs) if not any(fc == c for _, fc in files)]
+            present = {c for _, c in files}
+            empty = [d.name for c, d in enumerate(subdirs) if c not in present]
             if files and empty:  # a class without images would still get a label, an embedding and a grid row
                 raise DataError(f"class folder(s) {', '.join(repr(n) for n in empty[:5])} in {root} hold no images "
                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}): add images or remove the folder(s)")
