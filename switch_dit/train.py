@@ -215,7 +215,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         cfg.vae = str(Path(cfg.vae).resolve())  # recorded absolute: sampling from another folder finds it
     info = du.setup(cfg.device)
     lock = ckpt.RunLock(cfg.results_dir)
-    created = not Path(cfg.results_dir).exists()
+    created, finished = not Path(cfg.results_dir).exists(), False
     try:
         if info.is_main:
             _check_results_dir(Path(cfg.results_dir))
@@ -225,14 +225,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 raise ValueError(f"results dir {cfg.results_dir} already holds a run (checkpoints up to "
                                  f"{earlier[-1].name}): continue it with --resume auto, or choose a new --results-dir")
             ckpt.remove_stale_temp_files(Path(cfg.results_dir) / "checkpoints")  # left by a save killed midway
-        return _train(cfg, info, progress)
-    except BaseException:
-        lock.release()
-        if created and info.is_main:  # a run that failed before writing anything leaves no folder behind
-            _remove_if_only_guard(Path(cfg.results_dir))
-        raise
+        summary = _train(cfg, info, progress)
+        finished = True
+        return summary
     finally:
         lock.release()
+        if created and not finished and info.is_main:  # a run that failed before writing anything leaves no folder
+            _remove_if_only_guard(Path(cfg.results_dir))
         du.teardown()
 
 

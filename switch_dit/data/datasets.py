@@ -151,8 +151,8 @@ class ImageFolderDataset(Dataset):
                             "per class, or a flat folder for unconditional data)")
         # hidden folders (.ipynb_checkpoints, .git, ...) are neither classes nor images of one
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        loose = sorted(f for f in root.iterdir() if _is_image(f))  # images outside any subfolder
         if subdirs:
-            loose = [f for f in root.iterdir() if _is_image(f)]
             if loose:  # (they would be left out without a word)
                 raise DataError(f"{root} holds class subfolders ({', '.join(repr(d.name) for d in subdirs[:3])}"
                                 f"{', ...' if len(subdirs) > 3 else ''}) and {len(loose)} image(s) outside them, e.g. "
@@ -168,7 +168,7 @@ class ImageFolderDataset(Dataset):
                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}): add images or remove the folder(s)")
         else:
             self.class_names = ["all"]
-            files = [(f, 0) for f in sorted(root.iterdir()) if _is_image(f)]
+            files = [(f, 0) for f in loose]
         if not files:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root}")
         self.files = files
